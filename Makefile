@@ -1,0 +1,100 @@
+# Wafer SEM defect classification: every stage is a file with real prerequisites.
+#   make all                       # default run (params/base.yaml)
+#   make all PARAMS=params/x.yaml  # overlay(s) applied over params/base.yaml, in order
+#   make help                      # list the targets
+
+SHELL := /bin/bash
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := help
+
+PARAMS  ?= params/base.yaml
+BUILD   ?= build
+REPORTS ?= reports
+VENV    ?= .venv
+PYTHON  ?= python3.11
+PY      := $(VENV)/bin/python
+ENV     := $(VENV)/.ready
+
+LIB       := $(wildcard lib/*.py)
+STAGEPAR  := $(BUILD)/params
+DATASET   := $(BUILD)/dataset.json
+NB        := $(BUILD)/notebooks
+RUN_NB     = $(PY) -m lib.notebooks $< --params $(STAGEPAR)/$(basename $(notdir $<)).yaml \
+               --executed $(NB)/$(notdir $<) --html $@
+
+EDA    := $(REPORTS)/01_eda.html
+AUDIT  := $(REPORTS)/02_leakage_audit.html
+TRAIN  := $(REPORTS)/03_training.html
+EVAL   := $(REPORTS)/04_evaluation.html
+EXPORT := $(REPORTS)/05_export.html
+INDEX  := $(REPORTS)/index.html
+
+.PHONY: all help env data eda audit train eval export test lab bench clean clean-all FORCE
+
+all: $(INDEX) ## run the whole pipeline and render reports/ (creates the environment if missing)
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@echo "  variables: PARAMS=$(PARAMS) BUILD=$(BUILD) REPORTS=$(REPORTS) VENV=$(VENV)"
+
+env: $(ENV) ## create the virtual environment (.venv) from requirements.txt
+
+$(ENV): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $@
+
+# Resolved parameters, one file per stage, rewritten only when their content changes,
+# so a stage reruns only when a key it reads changed.
+$(STAGEPAR)/all.yaml: FORCE | $(ENV)
+	@$(PY) -m lib.params $(PARAMS) --set build_dir=$(BUILD) --out-dir $(STAGEPAR)
+$(STAGEPAR)/%.yaml: $(STAGEPAR)/all.yaml ;
+
+# The dataset's fingerprint: renders the synthetic set when params ask for it; rewritten
+# only when the files under data_dir changed.
+$(DATASET): $(STAGEPAR)/data.yaml lib/synthetic.py lib/data.py FORCE | $(ENV)
+	@$(PY) -m lib.data prepare --params $(STAGEPAR)/data.yaml --out $@
+
+data: $(DATASET) ## render the embedded dataset (if params say synthetic) and fingerprint data_dir
+
+$(EDA): notebooks/01_eda.ipynb $(STAGEPAR)/01_eda.yaml $(DATASET) $(LIB)
+	$(RUN_NB)
+eda: $(EDA) ## 01: dataset inventory
+
+$(AUDIT): notebooks/02_leakage_audit.ipynb $(STAGEPAR)/02_leakage_audit.yaml $(EDA) $(LIB)
+	$(RUN_NB)
+audit: $(AUDIT) ## 02: duplicate detection and the leak-free split
+
+$(TRAIN): notebooks/03_training.ipynb $(STAGEPAR)/03_training.yaml $(AUDIT) $(LIB)
+	$(RUN_NB)
+train: $(TRAIN) ## 03: train MobileNetV2
+
+$(EVAL): notebooks/04_evaluation.ipynb $(STAGEPAR)/04_evaluation.yaml $(TRAIN) $(LIB)
+	$(RUN_NB)
+eval: $(EVAL) ## 04: test-split metrics, confusion matrices, error gallery
+
+$(EXPORT): notebooks/05_export.ipynb $(STAGEPAR)/05_export.yaml $(TRAIN) $(LIB)
+	$(RUN_NB)
+export: $(EXPORT) ## 05: ONNX export, parity check, latency, label files
+
+$(INDEX): $(EDA) $(AUDIT) $(TRAIN) $(EVAL) $(EXPORT) $(LIB)
+	$(PY) -m lib.index --build $(BUILD) --reports $(REPORTS)
+
+test: $(ENV) ## run the test suite (unit, data and an end-to-end smoke run)
+	$(PY) -m pytest
+
+lab: $(ENV) ## JupyterLab on the notebooks (lib importable, no path hacks)
+	$(VENV)/bin/jupyter lab --notebook-dir=.
+
+bench: $(ENV) ## benchmark scripts (figures quoted in the README)
+	$(PY) tests/benchmarks/bench_synthetic.py
+
+clean: ## remove artifacts and reports (keeps data/ and .venv)
+	rm -rf $(BUILD) $(REPORTS)/*.html
+
+clean-all: clean ## also remove data/ and the environment
+	rm -rf data $(VENV)
+
+FORCE:

@@ -1,0 +1,1 @@
+"""Shared code of the SEM defect classification notebooks (import-time side-effect free)."""

@@ -1,0 +1,275 @@
+"""Dataset discovery, image decoding and the one definition of preprocessing.
+
+An image becomes a network input in two steps, used identically by training, evaluation,
+export and inference:
+
+1. `load_gray(path, size)`: decode (first frame, EXIF orientation applied), convert to
+   one grayscale channel on a 0-1 scale by the file's bit depth, resize to size × size.
+2. `normalize(gray)`: replicate to 3 channels and apply the ImageNet mean/std, giving the
+   float32 [N, 3, H, W] tensor the model (and its ONNX export) takes.
+
+Training inserts its augmentation between the two steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# Refuse images that decode to more pixels than this (a decompression bomb guard).
+MAX_PIXELS = 100_000_000
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as given; the message names the folder or file."""
+
+
+def _decode(path: str | Path) -> Image.Image:
+    """Open and fully decode an image (first frame), with EXIF orientation applied."""
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    with Image.open(path) as im:
+        im.seek(0)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        im.load()
+        return im.copy()
+
+
+def _bit_depth(im: Image.Image) -> int:
+    return {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(im.mode, 8)
+
+
+def to_gray(im: Image.Image) -> np.ndarray:
+    """Grayscale float32 array on 0-1 from any PIL mode (alpha composited onto black)."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(im, dtype=np.float32) / 65535.0
+    if mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float32)
+        hi = 65535.0 if a.max(initial=0) > 255 else 255.0
+        return np.clip(a / hi, 0.0, 1.0)
+    if mode == "P":
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA"):
+        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(bg, im.convert("RGBA"))
+    if im.mode != "L":
+        im = im.convert("RGB").convert("L")  # ITU-R 601-2 luma
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def load_gray(path: str | Path, size: int) -> np.ndarray:
+    """Decode `path` to a (size, size) float32 grayscale array on 0-1 (bilinear, antialiased)."""
+    gray = to_gray(_decode(path))
+    if gray.shape != (size, size):
+        gray = np.asarray(Image.fromarray(gray, mode="F").resize((size, size), Image.Resampling.BILINEAR))
+    return np.clip(gray, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def normalize(gray):
+    """[N, 1, H, W] or [1, H, W] grayscale on 0-1 -> 3-channel ImageNet-normalised float32.
+
+    Works on numpy arrays and torch tensors alike.
+    """
+    mean = np.asarray(MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(STD, dtype=np.float32).reshape(3, 1, 1)
+    if isinstance(gray, np.ndarray):
+        return ((gray.astype(np.float32) - mean) / std).astype(np.float32)
+    import torch
+
+    return (gray - torch.from_numpy(mean).to(gray.device)) / torch.from_numpy(std).to(gray.device)
+
+
+def load_input(paths, size: int) -> np.ndarray:
+    """Files -> the model's input batch, float32 [N, 3, size, size]."""
+    gray = np.stack([load_gray(p, size) for p in paths])[:, None]
+    return normalize(gray)
+
+
+def preprocessing_spec(size: int) -> dict:
+    """How to turn an image file into the model input, stated for other runtimes."""
+    return {
+        "input_name": "input",
+        "layout": "NCHW",
+        "dtype": "float32",
+        "shape": [None, 3, size, size],
+        "steps": [
+            "decode the file's first frame; apply its EXIF orientation",
+            "convert to one grayscale channel: 16-bit images divided by 65535, 8-bit by 255; "
+            "RGB by ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B); alpha composited onto black",
+            f"resize to {size}x{size} pixels with bilinear interpolation (antialiased when shrinking), "
+            "ignoring the aspect ratio",
+            "replicate the grayscale channel to 3 channels",
+            "per channel c: (x - mean[c]) / std[c]",
+        ],
+        "mean": list(MEAN),
+        "std": list(STD),
+        "value_range_before_normalization": [0.0, 1.0],
+        "output": "logits, float32 [N, n_classes]; softmax gives probabilities; class order in labels.json",
+    }
+
+
+def _match_class_folders(root: Path, classes: list[str]) -> dict[str, Path]:
+    folders = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    found = {}
+    for cls in classes:
+        if cls.lower() not in folders:
+            raise DataError(f"class folder for {cls!r} not found in {root} (folders there: {sorted(folders)})")
+        found[cls] = folders[cls.lower()]
+    return found
+
+
+def list_images(root: str | Path, classes: list[str]) -> pd.DataFrame:
+    """All image files of an image-folder tree <root>/<class>/..., as (path, class) rows.
+
+    Class folders match `classes` case-insensitively; files in nested folders belong to
+    the class folder they sit in. Raises DataError naming a missing root, a missing class
+    folder or a class folder without image files.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    rows = []
+    for cls, folder in _match_class_folders(root, classes).items():
+        files = sorted(
+            p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise DataError(f"class folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        rows += [{"path": str(p), "class": cls} for p in files]
+    return pd.DataFrame(rows, columns=["path", "class"])
+
+
+def inspect_file(path: str) -> dict:
+    """Decode one file completely; report its size, mode, bit depth and intensity, or why it failed."""
+    info = {"bytes": os.path.getsize(path), "width": None, "height": None, "mode": None,
+            "bit_depth": None, "mean": None, "std": None, "readable": False, "reason": ""}
+    if info["bytes"] == 0:
+        info["reason"] = "empty file (0 bytes)"
+        return info
+    try:
+        im = _decode(path)
+        gray = to_gray(im)
+    except Image.DecompressionBombError as e:
+        info["reason"] = f"too many pixels: {e}"
+        return info
+    except Exception as e:  # noqa: BLE001 - every decoder failure is reported, not raised
+        info["reason"] = f"{type(e).__name__}: {e}".strip()
+        return info
+    info.update(width=im.width, height=im.height, mode=im.mode, bit_depth=_bit_depth(im),
+                mean=float(gray.mean()), std=float(gray.std()), readable=True)
+    return info
+
+
+def inventory(root: str | Path, classes: list[str], workers: int = 2) -> pd.DataFrame:
+    """list_images + inspect_file for each file, in parallel over files."""
+    files = list_images(root, classes)
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        infos = list(pool.map(inspect_file, files["path"], chunksize=32))
+    return pd.concat([files, pd.DataFrame(infos)], axis=1)
+
+
+def load_split(split_csv: str | Path) -> pd.DataFrame:
+    """The split manifest written by the leakage audit (path, class, split, group ...)."""
+    split_csv = Path(split_csv)
+    if not split_csv.is_file():
+        raise DataError(f"split manifest not found: {split_csv} (run the leakage audit stage first)")
+    return pd.read_csv(split_csv)
+
+
+def cache_gray(paths, size: int, workers: int = 2) -> np.ndarray:
+    """Decode and resize many files once: float32 [N, 1, size, size] on 0-1."""
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        arrays = list(pool.map(load_gray, list(paths), [size] * len(paths), chunksize=16))
+    return np.stack(arrays)[:, None] if arrays else np.zeros((0, 1, size, size), np.float32)
+
+
+def label_order(classes: list[str]) -> list[str]:
+    """The class order of the network's outputs: sorted, as scikit-learn's LabelEncoder orders them."""
+    if len(set(classes)) != len(classes):
+        raise DataError(f"duplicate class names in {classes}")
+    return sorted(classes)
+
+
+def fingerprint_tree(root: str | Path) -> dict:
+    """A cheap fingerprint of every file under root (relative path, size, mtime)."""
+    import hashlib
+
+    root = Path(root)
+    h = hashlib.sha256()
+    n = 0
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            n += 1
+    return {"root": str(root), "files": n, "sha256": h.hexdigest()}
+
+
+def prepare(params: dict) -> dict:
+    """Make data_dir ready: render the synthetic dataset when asked and when its manifest
+    does not match the requested settings; return the dataset's description."""
+    import time
+
+    from lib.params import path
+
+    root = path(params["data_dir"])
+    info: dict = {"data_dir": str(root), "synthetic": params["synthetic"]}
+    if params["synthetic"]:
+        from lib import synthetic
+
+        settings = {"seed": params["seed"], "n_per_class": params["synthetic_per_class"],
+                    "size": params["synthetic_size"], "classes": list(params["classes"])}
+        stamp = root / "settings.json"
+        current = json.loads(stamp.read_text()) if stamp.is_file() else None
+        if current is None or current.get("settings") != settings:
+            t = time.perf_counter()
+            synthetic.render_dataset(root, n_per_class=settings["n_per_class"], seed=settings["seed"],
+                                     size=settings["size"], classes=tuple(settings["classes"]), workers=2,
+                                     progress=True)
+            seconds = time.perf_counter() - t
+            from lib.io import write_text_atomic
+
+            write_text_atomic(stamp, json.dumps({"settings": settings, "render_seconds": seconds}, indent=2) + "\n")
+            print(f"rendered the synthetic dataset into {root} in {seconds:.1f} s")
+        info["render_seconds"] = json.loads(stamp.read_text())["render_seconds"]
+    elif not root.is_dir():
+        raise DataError(f"dataset folder not found: {root} (set data_dir in your params file)")
+    info["fingerprint"] = fingerprint_tree(root)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    import yaml
+
+    from lib.io import write_text_if_changed
+
+    ap = argparse.ArgumentParser(description="Prepare the dataset named by a parameter file.")
+    ap.add_argument("command", choices=["prepare"])
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--out", required=True, help="dataset description (JSON), rewritten only when it changed")
+    args = ap.parse_args(argv)
+    try:
+        info = prepare(yaml.safe_load(Path(args.params).read_text()))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_text_if_changed(args.out, json.dumps(info, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""reports/index.html: links to the five stage reports and the run's headline figures.
+
+    python -m lib.index --build build --reports reports
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nbformat
+
+from lib.io import write_text_atomic
+
+STAGES = [
+    ("01_eda", "Dataset inventory: images per class, samples, sizes/modes, intensity per class, unreadable files"),
+    ("02_leakage_audit", "Duplicate detectors, duplicate groups, the grouped stratified split, zero-overlap proof"),
+    ("03_training", "Weights used, augmentation, training curves, best epoch"),
+    ("04_evaluation", "Per-class recall/precision/F1, confusion matrices, miss and false-alarm rates, errors"),
+    ("05_export", "ONNX graph, checker, parity with PyTorch, batch-1 latency, label and preprocessing files"),
+]
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def stage_seconds(executed: Path) -> float | None:
+    """Wall time papermill recorded for an executed notebook."""
+    if not executed.is_file():
+        return None
+    return nbformat.read(str(executed), as_version=4).metadata.get("papermill", {}).get("duration")
+
+
+def headline(build: Path) -> dict:
+    m = _json(build / "eval" / "metrics.json")
+    e = _json(build / "export" / "export.json")
+    t = _json(build / "train" / "summary.json")
+    d = _json(build / "dataset.json")
+    return {
+        "test images": m.get("test_images"),
+        "test accuracy": m.get("accuracy"),
+        "macro recall": m.get("macro_recall"),
+        "miss rate (defect → clean)": m.get("miss_rate"),
+        "false-alarm rate (clean → defect)": m.get("false_alarm_rate"),
+        "weights": t.get("weights", {}).get("detail"),
+        "best epoch / epochs run": f"{t.get('best_epoch')} / {t.get('epochs_run')}" if t else None,
+        "ONNX size (MB)": e.get("bytes", 0) / 1e6 if e else None,
+        "ONNX Runtime batch-1 latency p50 (ms)": e.get("latency_batch1", {}).get("p50_ms"),
+        "ONNX parity (argmax agreement)": e.get("parity", {}).get("argmax_agreement"),
+        "CPU": e.get("machine", {}).get("cpu"),
+        "dataset render (s)": d.get("render_seconds"),
+    }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 10 else f"{v:.1f}"
+    return html.escape(str(v))
+
+
+def build_index(build: Path, reports: Path) -> Path:
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in headline(build).items())
+    stage_rows = []
+    total = 0.0
+    for name, what in STAGES:
+        secs = stage_seconds(build / "notebooks" / f"{name}.ipynb")
+        total += secs or 0
+        stage_rows.append(f"<tr><td><a href='{name}.html'>{name}</a></td><td>{html.escape(what)}</td>"
+                          f"<td>{_fmt(secs)}</td></tr>")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SEM defect classification: reports</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}
+th{{background:#f4f4f4}}</style></head><body>
+<h1>SEM defect classification: reports</h1>
+<p>Rendered {stamp} from <code>{html.escape(str(build))}</code>.</p>
+<h2>Headline figures (test split)</h2><table>{rows}</table>
+<h2>Stages</h2><table><tr><th>report</th><th>contents</th><th>wall time (s)</th></tr>{''.join(stage_rows)}
+<tr><th colspan=2>all notebooks</th><th>{total:.1f}</th></tr></table>
+</body></html>
+"""
+    return write_text_atomic(reports / "index.html", page)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Write reports/index.html.")
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--reports", default="reports")
+    args = ap.parse_args(argv)
+    print(build_index(Path(args.build), Path(args.reports)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

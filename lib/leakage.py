@@ -1,0 +1,211 @@
+"""Leakage audit: find the same image under several names, group duplicates, split by group.
+
+Detectors
+- `sha256`: identical file bytes;
+- `pixels`: identical decoded pixels (the same image re-encoded, e.g. PNG -> BMP);
+- `name`: the same normalised file stem within one class (`x.png`, `x_aug3.png`, `x (1).png`,
+  `x copy.png` are one family);
+- `phash`: perceptual hash within a Hamming threshold (resized, re-compressed or slightly
+  altered copies).
+
+Every pair any detector finds joins one duplicate group (connected components), and a group
+never crosses a split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from concurrent.futures import ProcessPoolExecutor
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import StratifiedGroupKFold
+
+from lib.data import DataError, _decode, to_gray
+
+DETECTORS = ("sha256", "pixels", "name", "phash")
+SPLITS = ("train", "val", "test")
+
+# Suffixes that copy tools and offline augmentation add to a file stem.
+_ALWAYS_STRIP = [
+    re.compile(r"[ _-]?aug(mented)?[ _-]?\d*$"),
+    re.compile(r"\s*\(\d+\)$"),
+    re.compile(r"[ _-]*(-\s*)?copy(\s*\(?\d+\)?)?$"),
+]
+# "-1" is also how many datasets number distinct images, so it is stripped only when the
+# shorter stem exists too (see `name_keys`).
+_NUMBERED = re.compile(r"-\d{1,2}$")
+
+
+def _strip(stem: str) -> str:
+    stem = stem.lower().strip()
+    changed = True
+    while changed:
+        changed = False
+        for pattern in _ALWAYS_STRIP:
+            new = pattern.sub("", stem).strip()
+            if new and new != stem:
+                stem, changed = new, True
+    return stem
+
+
+def name_keys(paths, classes) -> list[str]:
+    """Normalised `class/stem` family key for each file."""
+    stems = [_strip(re.sub(r"\.[^.]+$", "", str(p).replace("\\", "/").rsplit("/", 1)[-1])) for p in paths]
+    present = set(zip(classes, stems))
+    keys = []
+    for cls, stem in zip(classes, stems):
+        base = _NUMBERED.sub("", stem)
+        if base != stem and (cls, base) in present:
+            stem = base
+        keys.append(f"{cls}/{stem}")
+    return keys
+
+
+def fingerprint(path: str) -> dict:
+    """File-byte SHA-256, decoded-pixel SHA-256 and 64-bit pHash of one file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    gray = to_gray(_decode(path))
+    q = np.round(gray * 65535).astype("<u2")
+    pix = hashlib.sha256(np.asarray(q.shape, "<u4").tobytes() + q.tobytes()).hexdigest()
+    im8 = Image.fromarray(np.round(gray * 255).astype(np.uint8), mode="L")
+    ph = imagehash.phash(im8, hash_size=8)
+    return {
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "pixels": pix,
+        "phash": int(np.packbits(ph.hash.flatten()).view(">u8")[0]),
+    }
+
+
+def fingerprints(paths, workers: int = 2) -> pd.DataFrame:
+    """fingerprint() of many files, in parallel over files."""
+    paths = list(paths)
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        rows = list(pool.map(fingerprint, paths, chunksize=32))
+    df = pd.DataFrame(rows, columns=["sha256", "pixels", "phash"])
+    df["phash"] = df["phash"].astype(np.uint64)
+    return df
+
+
+def hamming_pairs(hashes: np.ndarray, threshold: int, other: np.ndarray | None = None,
+                  block: int = 2048) -> np.ndarray:
+    """Index pairs whose 64-bit hashes differ in at most `threshold` bits.
+
+    With one array: all pairs (i, j), i < j, within it. With `other`: all pairs (i, j) with
+    i indexing `hashes` and j indexing `other`. Vectorised in blocks (XOR + popcount), so
+    memory stays at block × n.
+    """
+    a_all = np.ascontiguousarray(hashes, dtype=np.uint64)
+    within = other is None
+    b_all = a_all if within else np.ascontiguousarray(other, dtype=np.uint64)
+    out = [np.zeros((0, 2), np.int64)]
+    for start in range(0, len(a_all), block):
+        a = a_all[start : start + block]
+        offset = start if within else 0  # within one array only j > i is needed
+        dist = np.bitwise_count(a[:, None] ^ b_all[None, offset:])
+        i, j = np.nonzero(dist <= threshold)
+        i, j = i + start, j + offset
+        keep = j > i if within else slice(None)
+        out.append(np.stack([i[keep], j[keep]], axis=1).astype(np.int64))
+    return np.concatenate(out)
+
+
+def equal_pairs(keys) -> np.ndarray:
+    """Index pairs that share a key (each member linked to the first of its key)."""
+    keys = pd.Series(list(keys))
+    first = keys.groupby(keys).transform(lambda s: s.index[0]).to_numpy()
+    idx = np.arange(len(keys))
+    mask = first != idx
+    return np.stack([first[mask], idx[mask]], axis=1)
+
+
+def find_pairs(df: pd.DataFrame, phash_threshold: int) -> dict[str, np.ndarray]:
+    """Linked index pairs per detector; df needs sha256, pixels, name_key and phash columns."""
+    return {
+        "sha256": equal_pairs(df["sha256"]),
+        "pixels": equal_pairs(df["pixels"]),
+        "name": equal_pairs(df["name_key"]),
+        "phash": hamming_pairs(df["phash"].to_numpy(np.uint64), phash_threshold),
+    }
+
+
+def group_ids(n: int, pairs: dict[str, np.ndarray] | list[np.ndarray]) -> np.ndarray:
+    """Duplicate-group id for each of n items: connected components over all pairs."""
+    arrays = list(pairs.values()) if isinstance(pairs, dict) else list(pairs)
+    p = np.concatenate([a for a in arrays if len(a)] or [np.zeros((0, 2), np.int64)])
+    graph = coo_matrix((np.ones(len(p)), (p[:, 0], p[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def split_groups(labels, groups, *, val_ratio: float, test_ratio: float, seed: int) -> np.ndarray:
+    """Stratified group split into train/val/test: a group never crosses splits.
+
+    Groups carry the label of their first member for stratification. Raises DataError when a
+    class has fewer groups than splits.
+    """
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    if not (0 < val_ratio < 1 and 0 < test_ratio < 1 and val_ratio + test_ratio < 1):
+        raise DataError(f"val_ratio={val_ratio} and test_ratio={test_ratio} must be in (0, 1) with a sum below 1")
+    per_class = pd.DataFrame({"label": labels, "group": groups}).groupby("label")["group"].nunique()
+    too_few = per_class[per_class < len(SPLITS)]
+    if len(too_few):
+        raise DataError(
+            "too few distinct images to split: "
+            + ", ".join(f"class {c!r} has {n} group(s)" for c, n in too_few.items())
+            + f" (each class needs at least {len(SPLITS)}, one per split)"
+        )
+    split = np.full(len(labels), "train", dtype=object)
+    # test first, then validation from what is left; fold counts approximate the ratios
+    rest = np.arange(len(labels))
+    for name, share in (("test", test_ratio), ("val", val_ratio / (1 - test_ratio))):
+        n_folds = max(2, int(round(1 / share)))
+        n_folds = min(n_folds, int(pd.Series(groups[rest]).nunique()))
+        sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        _, held = next(sgkf.split(rest, labels[rest], groups[rest]))
+        split[rest[held]] = name
+        rest = np.setdiff1d(rest, rest[held])
+    return split
+
+
+def cross_split_matches(df: pd.DataFrame, phash_threshold: int) -> pd.DataFrame:
+    """Files in different splits that a detector calls the same image, checked afresh per split pair.
+
+    Independent of how the groups were built: exact keys are intersected between splits and
+    perceptual hashes compared across them. The result must be empty.
+    """
+    rows = []
+    for a_name, b_name in [("train", "val"), ("train", "test"), ("val", "test")]:
+        a, b = df[df["split"] == a_name], df[df["split"] == b_name]
+        for det, col in (("sha256", "sha256"), ("pixels", "pixels"), ("name", "name_key")):
+            shared = set(a[col]) & set(b[col])
+            for key in shared:
+                for fa in a.loc[a[col] == key, "path"]:
+                    for fb in b.loc[b[col] == key, "path"]:
+                        rows.append({"detector": det, "split_a": a_name, "file_a": fa,
+                                     "split_b": b_name, "file_b": fb})
+        hp = hamming_pairs(a["phash"].to_numpy(np.uint64), phash_threshold, b["phash"].to_numpy(np.uint64))
+        for i, j in hp:
+            rows.append({"detector": "phash", "split_a": a_name, "file_a": a["path"].iat[i],
+                         "split_b": b_name, "file_b": b["path"].iat[j]})
+    return pd.DataFrame(rows, columns=["detector", "split_a", "file_a", "split_b", "file_b"])
+
+
+def overlap_table(matches: pd.DataFrame) -> pd.DataFrame:
+    """Count of cross-split matches per detector and split pair (all zeros when clean)."""
+    cols = ["train-val", "train-test", "val-test"]
+    table = pd.DataFrame(0, index=list(DETECTORS), columns=cols)
+    for (det, a, b), n in matches.groupby(["detector", "split_a", "split_b"]).size().items():
+        table.loc[det, f"{a}-{b}"] = n
+    table.index.name = "detector"
+    return table
+
+
+class LeakageError(RuntimeError):
+    """Files in different splits are the same image; the message lists them."""

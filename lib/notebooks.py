@@ -1,0 +1,98 @@
+"""Execute a stage notebook headless with papermill and render it to HTML, the same way every time.
+
+    python -m lib.notebooks notebooks/01_eda.ipynb --params build/params.yaml \
+        --executed build/nb/01_eda.ipynb --html reports/01_eda.html
+
+Only the parameters the notebook declares in its `parameters` cell are injected (the
+resolved file holds every stage's keys). Outputs are written atomically and only on
+success; a failed run leaves `<executed>.failed.ipynb` for inspection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from lib.io import atomic_path, write_text_atomic
+from lib.params import ROOT
+
+KERNEL = "python3"
+# Cells tagged `hide` vanish from reports; `hide-input` keeps their output only.
+HIDE_CELL, HIDE_INPUT = "hide", "hide-input"
+
+
+def declared_parameters(notebook: str | Path) -> list[str]:
+    import papermill
+
+    return list(papermill.inspect_notebook(str(notebook)))
+
+
+def execute(notebook: str | Path, executed: str | Path, params: dict, *, timeout: int = 3600):
+    """Run `notebook` with `params` (only the declared ones) into `executed`; return the node."""
+    import nbformat
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    wanted = set(declared_parameters(notebook))
+    inject = {k: v for k, v in params.items() if k in wanted}
+    executed = Path(executed)
+    failed = executed.with_suffix(".failed.ipynb")
+    failed.unlink(missing_ok=True)
+    with atomic_path(executed) as tmp:
+        out = tmp.with_suffix(".ipynb")
+        try:
+            nb = papermill.execute_notebook(
+                str(notebook), str(out), parameters=inject, kernel_name=KERNEL, cwd=str(ROOT),
+                execution_timeout=timeout, progress_bar=False, log_output=True,
+            )
+        except PapermillExecutionError:
+            out.replace(failed)
+            raise
+        finally:
+            if out.exists():
+                out.replace(tmp)
+        nbformat.validate(nb)
+    return nb
+
+
+def render_html(executed: str | Path, html: str | Path) -> Path:
+    """Executed notebook -> standalone HTML report (images embedded, plumbing cells hidden)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.TagRemovePreprocessor.enabled = True
+    cfg.TagRemovePreprocessor.remove_cell_tags = {HIDE_CELL}
+    cfg.TagRemovePreprocessor.remove_input_tags = {HIDE_INPUT}
+    exporter = HTMLExporter(config=cfg, template_name="lab")
+    body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+    return write_text_atomic(html, body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("notebook")
+    ap.add_argument("--params", required=True, help="resolved parameter file (python -m lib.params ... --out)")
+    ap.add_argument("--executed", required=True, help="where the executed notebook goes")
+    ap.add_argument("--html", required=True, help="where the HTML report goes")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    args = ap.parse_args(argv)
+    from papermill.exceptions import PapermillExecutionError
+
+    params = yaml.safe_load(Path(args.params).read_text())
+    try:
+        execute(args.notebook, args.executed, params, timeout=args.timeout)
+    except PapermillExecutionError as e:
+        print(f"error: {args.notebook} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+              f"(executed notebook kept at {Path(args.executed).with_suffix('.failed.ipynb')})", file=sys.stderr)
+        return 1
+    render_html(args.executed, args.html)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Run parameters: one schema, flat YAML files, validation that names the offending key.
+
+`params/base.yaml` holds the default value of every key in `SCHEMA`; other files are
+overlays merged over it, shallowly and in order (as papermill merges `-f` files).
+Notebooks validate their injected parameters with `collect(globals())` right after the
+`parameters` cell, and save the result beside what they produce with `save`.
+
+Command line (used by the Makefile)::
+
+    python -m lib.params params/base.yaml params/smoke.yaml --set build_dir=/tmp/b --out build/params.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "params" / "base.yaml"
+
+
+class ParamError(ValueError):
+    """A parameter file or an injected parameter is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Param:
+    type: type | tuple[type, ...]
+    help: str
+    choices: tuple | None = None
+    optional: bool = False  # None allowed
+
+
+_NUM = (int, float)
+SCHEMA: dict[str, Param] = {
+    # data
+    "data_dir": Param(str, "image-folder root <data_dir>/<class>/*.png (relative to the repository root or absolute)"),
+    "synthetic": Param(bool, "render the embedded synthetic SEM dataset into data_dir (false for your own data)"),
+    "synthetic_per_class": Param(int, "synthetic images per class"),
+    "synthetic_size": Param(int, "synthetic image side in pixels"),
+    "classes": Param(list, "class names, in label order"),
+    "seed": Param(int, "global seed: dataset, split, initialisation, augmentation"),
+    "build_dir": Param(str, "folder for artifacts (checkpoints, manifests, metrics, ONNX)"),
+    # 01_eda
+    "eda_samples_per_class": Param(int, "images per class in the sample grid"),
+    # 02_leakage_audit
+    "phash_threshold": Param(int, "largest perceptual-hash Hamming distance (of 64 bits) that marks a near-duplicate"),
+    "val_ratio": Param(_NUM, "share of groups in the validation split"),
+    "test_ratio": Param(_NUM, "share of groups in the test split"),
+    # 03_training
+    "image_size": Param(int, "network input side in pixels (images are resized to it)"),
+    "weights": Param(str, "initial weights: imagenet, none, or a path to a local state dict"),
+    "weights_fallback": Param(str, "used when weights=imagenet cannot be obtained", choices=("none", "fail")),
+    "dropout": Param(_NUM, "dropout before the linear classifier"),
+    "epochs": Param(int, "maximum training epochs"),
+    "batch_size": Param(int, "training batch size"),
+    "lr": Param(_NUM, "peak AdamW learning rate"),
+    "weight_decay": Param(_NUM, "AdamW weight decay"),
+    "warmup_epochs": Param(_NUM, "linear warm-up length in epochs before cosine decay"),
+    "patience": Param(int, "early stopping: epochs without a better validation macro recall"),
+    "class_weights": Param(bool, "weight the cross-entropy by inverse training-split class frequency"),
+    "weighted_sampler": Param(bool, "draw training batches class-balanced"),
+    "aug_shift": Param(_NUM, "largest random shift as a fraction of the image side (0 = off)"),
+    "aug_brightness": Param(_NUM, "largest brightness change, fraction (0 = off)"),
+    "aug_contrast": Param(_NUM, "largest contrast change, fraction (0 = off)"),
+    "aug_noise": Param(_NUM, "largest std of added Gaussian noise on the 0-1 scale (0 = off)"),
+    "aug_blur": Param(_NUM, "largest Gaussian blur sigma in pixels (0 = off)"),
+    "aug_flip": Param(bool, "random horizontal and vertical flips (off: defect geometry is not mirror-invariant in general)"),
+    "device": Param(str, "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
+    "deterministic": Param(bool, "seed everything and use deterministic algorithms"),
+    # 04_evaluation
+    "gallery_max": Param(int, "largest number of misclassified images shown"),
+    # 05_export
+    "opset": Param(int, "ONNX opset version (17 or newer)"),
+    "latency_runs": Param(int, "timed batch-1 ONNX Runtime runs after warm-up"),
+}
+
+
+def _type_name(t) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(x.__name__ for x in t)
+    return t.__name__
+
+
+def check(key: str, value: Any, source: str = "") -> Any:
+    """Return value if it fits key's schema entry, else raise ParamError naming key and source."""
+    where = f" (in {source})" if source else ""
+    if key not in SCHEMA:
+        raise ParamError(f"unknown parameter {key!r}{where}; known parameters: {', '.join(sorted(SCHEMA))}")
+    spec = SCHEMA[key]
+    if value is None and spec.optional:
+        return value
+    # bool is an int subclass: never let True pass as a number, or 1 as a bool
+    ok = isinstance(value, spec.type) and not (isinstance(value, bool) and spec.type is not bool)
+    if not ok:
+        raise ParamError(
+            f"parameter {key!r}{where} must be {_type_name(spec.type)}, got {type(value).__name__} {value!r}"
+        )
+    if spec.choices is not None and value not in spec.choices:
+        raise ParamError(f"parameter {key!r}{where} must be one of {list(spec.choices)}, got {value!r}")
+    if spec.type is list and not all(isinstance(v, str) and v for v in value):
+        raise ParamError(f"parameter {key!r}{where} must be a list of non-empty strings, got {value!r}")
+    return value
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """Read one flat YAML parameter file and check every key and type in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"parameter file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamError(f"parameter file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamError(f"parameter file {path} must be a flat mapping of key: value")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ParamError(f"parameter {key!r} (in {path}) is a nested mapping; parameter files are flat")
+        check(str(key), value, str(path))
+    return data
+
+
+def resolve(*files: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """base.yaml, then each overlay file, then explicit overrides; every key checked."""
+    merged = read_file(BASE)
+    missing = set(SCHEMA) - set(merged)
+    if missing:
+        raise ParamError(f"{BASE} lacks default values for {sorted(missing)}")
+    for f in files:
+        merged.update(read_file(f))
+    for key, value in (overrides or {}).items():
+        merged[key] = check(key, value, "overrides")
+    return merged
+
+
+def collect(namespace: dict[str, Any]) -> dict[str, Any]:
+    """Validate the parameters a notebook holds after papermill's injection.
+
+    Every user-defined scalar name in `namespace` (the notebook's globals, where only the
+    parameters cell has run so far) must be a known key of the right type. Returns the
+    full resolved set: base.yaml defaults updated with the notebook's values.
+    """
+    hidden: set[str] = set()
+    try:  # IPython keeps its own names (In, Out, exit, ...) out of the user's view
+        hidden = set(get_ipython().user_ns_hidden)  # type: ignore[name-defined]  # noqa: F821
+    except NameError:
+        pass
+    given = {
+        k: v
+        for k, v in namespace.items()
+        if not k.startswith("_")
+        and k not in hidden
+        and not isinstance(v, (types.ModuleType, types.FunctionType, type))
+    }
+    for key, value in given.items():
+        check(key, value, "notebook parameters")
+    resolved = read_file(BASE)
+    resolved.update(given)
+    return resolved
+
+
+def path(value: str | Path) -> Path:
+    """A path parameter as an absolute path (relative ones are relative to the repository root)."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
+def save(params: dict[str, Any], folder: str | Path, name: str = "params.json") -> Path:
+    """Write the resolved parameters beside the artifacts they produced (atomically)."""
+    from lib.io import write_text_atomic
+
+    return write_text_atomic(Path(folder) / name, json.dumps(params, indent=2, sort_keys=True) + "\n")
+
+
+# Keys the data-preparation step reads (lib.data prepare).
+DATA_KEYS = ("data_dir", "synthetic", "synthetic_per_class", "synthetic_size", "classes", "seed")
+
+
+def stage_subsets(resolved: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The resolved parameters split by consumer: all, data, and each stage notebook's declared keys."""
+    import papermill
+
+    subsets = {"all": resolved, "data": {k: resolved[k] for k in DATA_KEYS}}
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        declared = papermill.inspect_notebook(str(nb))
+        subsets[nb.stem] = {k: resolved[k] for k in declared if k in resolved}
+    return subsets
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ParamError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key, yaml.safe_load(raw) if raw else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Merge and validate parameter files.")
+    ap.add_argument("files", nargs="*", help="overlay files applied over params/base.yaml, in order")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
+    ap.add_argument("--out", help="write the resolved parameters here (YAML), only when they changed")
+    ap.add_argument("--out-dir", help="write all.yaml, data.yaml and one <notebook>.yaml per stage notebook "
+                    "(its declared keys) here, each only when it changed")
+    args = ap.parse_args(argv)
+    try:
+        overrides = dict(_parse_override(s) for s in args.set)
+        resolved = resolve(*args.files, overrides=overrides)
+    except ParamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from lib.io import write_text_if_changed
+
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    if args.out:
+        write_text_if_changed(Path(args.out), text)
+    if args.out_dir:
+        for name, subset in stage_subsets(resolved).items():
+            write_text_if_changed(Path(args.out_dir) / f"{name}.yaml", yaml.safe_dump(subset, sort_keys=False))
+    if not (args.out or args.out_dir):
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
