@@ -1,0 +1,119 @@
+"""Decoding, preprocessing and dataset discovery, including bad input."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import sem_like
+from lib import data
+from lib.data import DataError
+
+
+@pytest.fixture
+def gray8():
+    return sem_like(1, 80)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "LA"])
+def test_every_mode_decodes_to_gray_on_0_1(tmp_path, gray8, mode):
+    if mode == "I;16":
+        im = Image.fromarray(gray8.astype(np.uint16) * 257)
+        assert im.mode.startswith("I;16")
+    elif mode in ("RGBA", "LA"):
+        im = Image.fromarray(gray8).convert(mode)
+    else:
+        im = Image.fromarray(gray8).convert(mode)
+    f = tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png")
+    im.save(f)
+    g = data.load_gray(f, 80)
+    assert g.shape == (80, 80) and g.dtype == np.float32
+    assert np.abs(g - gray8 / 255.0).max() < 0.02, mode
+
+
+def test_alpha_is_composited_onto_black(tmp_path):
+    im = Image.new("RGBA", (10, 10), (255, 255, 255, 0))
+    im.save(tmp_path / "t.png")
+    assert data.load_gray(tmp_path / "t.png", 10).max() == 0.0
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    a = np.zeros((20, 40), np.uint8)
+    a[:, :5] = 255  # bright stripe on the left
+    im = Image.fromarray(a)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    im.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    g = data.to_gray(data._decode(tmp_path / "r.jpg"))
+    assert g.shape == (40, 20)
+    assert g[:5].mean() > 0.8  # the stripe is now on top
+
+
+def test_resize_and_normalize_shapes(tmp_path, gray8):
+    Image.fromarray(gray8).save(tmp_path / "a.png")
+    x = data.load_input([tmp_path / "a.png"] * 2, 32)
+    assert x.shape == (2, 3, 32, 32) and x.dtype == np.float32
+    # all three channels carry the same image, normalised per channel
+    back = x[0] * np.asarray(data.STD)[:, None, None] + np.asarray(data.MEAN)[:, None, None]
+    assert np.allclose(back[0], back[1], atol=1e-5) and np.allclose(back[1], back[2], atol=1e-5)
+
+
+def test_numpy_and_torch_normalisation_agree(gray8):
+    import torch
+
+    g = (gray8[None, None] / 255.0).astype(np.float32)
+    assert np.allclose(data.normalize(g), data.normalize(torch.from_numpy(g)).numpy(), atol=1e-6)
+
+
+def bad_files(folder):
+    good = io.BytesIO()
+    Image.fromarray(sem_like(3, 64)).save(good, format="PNG")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.png").write_text("this is not an image")
+    (folder / "truncated.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    return {"zero.png": "empty file", "text.png": "cannot identify", "truncated.png": ""}
+
+
+def test_bad_files_are_reported_with_a_reason_not_raised(image_tree):
+    root, classes = image_tree(n=3)
+    expected = bad_files(root / classes[0])
+    inv = data.inventory(root, classes, workers=1)
+    bad = inv[~inv["readable"]].set_index(inv.loc[~inv["readable"], "path"].map(lambda p: p.rsplit("/", 1)[-1]))
+    assert set(bad.index) == set(expected)
+    for name, reason in expected.items():
+        assert bad.loc[name, "reason"], name
+        assert reason.lower() in bad.loc[name, "reason"].lower(), bad.loc[name, "reason"]
+    assert inv["readable"].sum() == 3 * len(classes)
+
+
+def test_missing_root_is_named(tmp_path):
+    with pytest.raises(DataError, match="dataset folder not found: .*nowhere"):
+        data.list_images(tmp_path / "nowhere", ["a", "b"])
+
+
+def test_missing_and_empty_class_folders_are_named(image_tree):
+    root, classes = image_tree(n=2)
+    with pytest.raises(DataError, match="class folder for 'open' not found"):
+        data.list_images(root, classes + ["open"])
+    (root / "open").mkdir()
+    with pytest.raises(DataError, match="open holds no image files"):
+        data.list_images(root, classes + ["open"])
+
+
+def test_class_folders_match_case_insensitively_and_nested_files_count(image_tree):
+    root, classes = image_tree(n=2)
+    (root / "bridge").rename(root / "Bridge")
+    (root / "Bridge" / "sub").mkdir()
+    Image.fromarray(sem_like(9, 32)).save(root / "Bridge" / "sub" / "nested.png")
+    files = data.list_images(root, classes)
+    assert (files["class"] == "bridge").sum() == 3
+
+
+def test_label_order_is_label_encoder_order():
+    from sklearn.preprocessing import LabelEncoder
+
+    classes = ["bridge", "clean", "CMP(scratch)", "cracks", "LER", "open", "others", "vias"]
+    assert data.label_order(classes) == list(LabelEncoder().fit(classes).classes_)
+    with pytest.raises(DataError, match="duplicate"):
+        data.label_order(["a", "a"])

@@ -1,0 +1,44 @@
+"""The pip path (requirements.txt) and the conda path (environment.yml) install the same pins."""
+
+import re
+
+import yaml
+
+from conftest import ROOT
+
+
+def requirements() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            m = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([0-9][^\s;]*)", line)
+            assert m, f"requirements.txt: {line!r} is not pinned as name==version"
+            pins[m.group(1).lower()] = m.group(2)
+    return pins
+
+
+def test_every_requirement_is_pinned_and_torch_pins_are_the_cached_ones():
+    pins = requirements()
+    assert pins["torch"] == "2.14.1"
+    assert pins["torchvision"] == "0.29.1"
+    for needed in ("papermill", "nbconvert", "jupyterlab", "onnx", "onnxruntime", "scikit-learn", "imagehash"):
+        assert needed in pins
+
+
+def test_environment_yml_installs_exactly_requirements_txt_on_python_311():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps
+    pip_section = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    assert pip_section == ["-r requirements.txt"] or sorted(pip_section) == sorted(
+        f"{k}=={v}" for k, v in requirements().items()
+    ), "environment.yml's pip section must include requirements.txt (or list the same pins)"
+    # any conda package other than python/pip would be a second, unchecked source of versions
+    assert [d for d in deps if isinstance(d, str)] == ["python=3.11", "pip"]
+
+
+def test_makefile_builds_the_venv_from_requirements_txt():
+    make = (ROOT / "Makefile").read_text()
+    assert "pip install --quiet -r requirements.txt" in make
+    assert "PYTHON  ?= python3.11" in make

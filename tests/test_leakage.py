@@ -1,0 +1,155 @@
+"""Each detector finds its planted copy, distinct images stay apart, and groups never cross splits."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings, strategies as st
+from PIL import Image, ImageEnhance
+
+from conftest import sem_like
+from lib import leakage
+from lib.data import DataError
+
+
+def audit(paths, classes, threshold=6):
+    df = pd.DataFrame({"path": [str(p) for p in paths], "class": classes})
+    df = pd.concat([df, leakage.fingerprints(df["path"], workers=1)], axis=1)
+    df["name_key"] = leakage.name_keys(df["path"], df["class"])
+    return df, leakage.find_pairs(df, threshold)
+
+
+def linked(pairs, i, j):
+    return any({int(a), int(b)} == {i, j} for a, b in pairs)
+
+
+@pytest.fixture
+def originals(tmp_path):
+    paths = []
+    for i in range(12):
+        p = tmp_path / f"orig_{i:02d}.png"
+        Image.fromarray(sem_like(i, 128)).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_distinct_images_are_never_paired(originals):
+    _, pairs = audit(originals, ["c"] * len(originals))
+    assert all(len(p) == 0 for p in pairs.values()), pairs
+
+
+def test_exact_copy_found_by_bytes_pixels_and_phash(originals, tmp_path):
+    copy = tmp_path / "elsewhere.png"
+    copy.write_bytes(originals[0].read_bytes())
+    _, pairs = audit(originals + [copy], ["c"] * 13)
+    for det in ("sha256", "pixels", "phash"):
+        assert linked(pairs[det], 0, 12), det
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "WEBP"])
+def test_reencoded_copy_found_by_pixels(originals, tmp_path, fmt):
+    copy = tmp_path / f"other.{fmt.lower()}"
+    Image.open(originals[1]).save(copy, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    _, pairs = audit(originals + [copy], ["c"] * 13)
+    assert not linked(pairs["sha256"], 1, 12)
+    assert linked(pairs["pixels"], 1, 12) and linked(pairs["phash"], 1, 12)
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.75, 1.5, 2.0])
+def test_resized_copy_found_by_phash(originals, tmp_path, scale):
+    im = Image.open(originals[2])
+    copy = tmp_path / "resized.png"
+    im.resize((int(128 * scale),) * 2, Image.Resampling.BICUBIC).save(copy)
+    _, pairs = audit(originals + [copy], ["c"] * 13)
+    assert linked(pairs["phash"], 2, 12)
+
+
+def test_brightness_shifted_and_jpeg_copies_found_by_phash(originals, tmp_path):
+    im = Image.open(originals[3])
+    ImageEnhance.Brightness(im).enhance(1.15).save(tmp_path / "bright.png")
+    im.save(tmp_path / "lossy.jpg", quality=60)
+    _, pairs = audit(originals + [tmp_path / "bright.png", tmp_path / "lossy.jpg"], ["c"] * 14)
+    assert linked(pairs["phash"], 3, 12) and linked(pairs["phash"], 3, 13)
+
+
+def test_augmented_and_copied_names_join_their_original():
+    paths = ["d/a/x.png", "d/a/x_aug1.png", "d/a/x_aug4.png", "d/a/x (1).png", "d/a/x copy.png",
+             "d/a/y-1.png", "d/a/y.png", "d/a/z-1.png", "d/a/z-2.png", "d/b/x.png"]
+    keys = leakage.name_keys(paths, ["a"] * 9 + ["b"])
+    assert len(set(keys[:5])) == 1
+    assert keys[5] == keys[6]  # y-1 joins y because y exists
+    assert keys[7] != keys[8]  # z-1 and z-2 are numbered originals
+    assert keys[9] != keys[0]  # the same name in another class is another image
+
+
+def test_hamming_pairs_matches_brute_force():
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 2**63, 300, dtype=np.int64).astype(np.uint64)
+    h[50:60] = h[0] ^ (np.uint64(1) << rng.integers(0, 63, 10).astype(np.uint64))
+    got = {tuple(p) for p in leakage.hamming_pairs(h, 6, block=64)}
+    want = {(i, j) for i in range(300) for j in range(i + 1, 300) if bin(int(h[i]) ^ int(h[j])).count("1") <= 6}
+    assert got == want and len(want) >= 55
+    cross = {tuple(p) for p in leakage.hamming_pairs(h[:100], 6, h[100:], block=32)}
+    assert cross == {(i, j - 100) for i, j in want if i < 100 <= j}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=60, max_size=200), st.integers(0, 2**16))
+def test_split_keeps_every_group_whole(group_of, seed):
+    groups = np.asarray(group_of)
+    labels = np.asarray([f"c{g % 3}" for g in groups])  # a group carries one label
+    if pd.Series(groups).groupby(labels).nunique().min() < 3 or len(set(labels)) < 3:
+        with pytest.raises(DataError):
+            leakage.split_groups(labels, groups, val_ratio=0.15, test_ratio=0.15, seed=seed)
+        return
+    split = leakage.split_groups(labels, groups, val_ratio=0.15, test_ratio=0.15, seed=seed)
+    per_group = pd.Series(split).groupby(groups).nunique()
+    assert (per_group == 1).all()
+    assert set(split) == {"train", "val", "test"}
+
+
+def test_split_is_deterministic_and_near_the_ratios():
+    labels = np.repeat(["a", "b", "c", "d"], 100)
+    groups = np.arange(400) // 2
+    s1 = leakage.split_groups(labels, groups, val_ratio=0.15, test_ratio=0.15, seed=3)
+    s2 = leakage.split_groups(labels, groups, val_ratio=0.15, test_ratio=0.15, seed=3)
+    assert (s1 == s2).all()
+    share = pd.Series(s1).value_counts(normalize=True)
+    assert abs(share["test"] - 0.15) < 0.03 and abs(share["val"] - 0.15) < 0.03
+    for cls in "abcd":
+        assert set(s1[labels == cls]) == {"train", "val", "test"}
+
+
+def test_too_few_images_to_split_names_the_class():
+    labels = np.array(["a"] * 10 + ["b"] * 2)
+    with pytest.raises(DataError, match="class 'b' has 2 group"):
+        leakage.split_groups(labels, np.arange(12), val_ratio=0.15, test_ratio=0.15, seed=0)
+
+
+def test_planted_duplicate_groups_stay_in_one_split_and_recheck_is_clean(tmp_path):
+    paths, classes = [], []
+    for k, cls in enumerate(["a", "b", "c"]):
+        for i in range(10):
+            p = tmp_path / f"{cls}_{i}.png"
+            Image.fromarray(sem_like(100 * k + i, 96)).save(p)
+            paths.append(p)
+            classes.append(cls)
+            if i < 3:  # a copy and an augmented copy of the first three per class
+                (tmp_path / f"{cls}_{i}_copy_of.png").write_bytes(p.read_bytes())
+                paths.append(tmp_path / f"{cls}_{i}_copy_of.png")
+                classes.append(cls)
+                Image.fromarray(sem_like(100 * k + i, 96)).resize((120, 120)).save(tmp_path / f"{cls}_{i}_aug1.png")
+                paths.append(tmp_path / f"{cls}_{i}_aug1.png")
+                classes.append(cls)
+    df, pairs = audit(paths, classes)
+    df["group"] = leakage.group_ids(len(df), pairs)
+    assert df["group"].nunique() == 30
+    df["split"] = leakage.split_groups(df["class"], df["group"], val_ratio=0.2, test_ratio=0.2, seed=1)
+    assert (df.groupby("group")["split"].nunique() == 1).all()
+    assert leakage.cross_split_matches(df, 6).empty
+    # moving one copy to another split is caught, naming both files
+    i = df.index[df["path"].str.endswith("a_0_copy_of.png")][0]
+    df.loc[i, "split"] = "test" if df.loc[i, "split"] != "test" else "train"
+    m = leakage.cross_split_matches(df, 6)
+    assert set(m["detector"]) >= {"sha256", "pixels", "phash"}
+    assert m["file_a"].str.endswith("a_0_copy_of.png").any() or m["file_b"].str.endswith("a_0_copy_of.png").any()
+    assert leakage.overlap_table(m).to_numpy().sum() == len(m)

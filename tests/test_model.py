@@ -1,0 +1,65 @@
+"""Model construction, weight sources, checkpoints."""
+
+import pytest
+import torch
+
+from lib import model as net
+
+
+@pytest.mark.parametrize("n_classes", [2, 5, 8, 12])
+def test_output_shape_for_every_class_count(n_classes):
+    m = net.build_model(n_classes).eval()
+    with torch.inference_mode():
+        assert m(torch.zeros(3, 3, 64, 64)).shape == (3, n_classes)
+
+
+def test_one_class_is_refused():
+    with pytest.raises(ValueError):
+        net.build_model(1)
+
+
+def test_local_state_dict_loads_the_backbone(tmp_path):
+    donor = net.build_model(1000)
+    torch.save(donor.state_dict(), tmp_path / "mobilenet_v2.pth")
+    m = net.build_model(8)
+    info = net.init_weights(m, str(tmp_path / "mobilenet_v2.pth"))
+    assert info["source"] == "file" and len(info["sha256"]) == 64
+    for k, v in donor.state_dict().items():
+        if k.startswith("features."):
+            assert torch.equal(m.state_dict()[k], v), k
+    assert m.classifier[1].out_features == 8
+
+
+def test_bad_weight_files_are_named(tmp_path):
+    with pytest.raises(net.WeightsError, match="not found"):
+        net.init_weights(net.build_model(3), str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_text("junk")
+    with pytest.raises(net.WeightsError, match="junk.pth"):
+        net.init_weights(net.build_model(3), str(tmp_path / "junk.pth"))
+    torch.save({"features.0.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(net.WeightsError, match="wrong.pth"):
+        net.init_weights(net.build_model(3), str(tmp_path / "wrong.pth"))
+
+
+def test_unavailable_imagenet_weights_fall_back_and_say_so(monkeypatch):
+    from torchvision.models import MobileNet_V2_Weights
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(type(MobileNet_V2_Weights.IMAGENET1K_V2), "get_state_dict", offline, raising=False)
+    info = net.init_weights(net.build_model(3), "imagenet", fallback="none")
+    assert info["source"] == "none" and "unavailable" in info["detail"] and "no network" in info["detail"]
+    with pytest.raises(net.WeightsError, match="ImageNet weights unavailable"):
+        net.init_weights(net.build_model(3), "imagenet", fallback="fail")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = net.build_model(4, dropout=0.3).eval()
+    net.save_checkpoint(tmp_path / "m.pt", m, classes=list("abcd"), params={"dropout": 0.3, "image_size": 64},
+                        epoch=2, weights={"source": "none"})
+    back, ckpt = net.load_checkpoint(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(m(x), back(x))
+    assert ckpt["classes"] == list("abcd") and ckpt["epoch"] == 2

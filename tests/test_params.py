@@ -1,0 +1,122 @@
+"""Parameter files, the schema and the notebooks' parameters cells agree; bad keys are named."""
+
+import ast
+import json
+
+import nbformat
+import pytest
+import yaml
+
+from conftest import ROOT
+from lib import params
+from lib.params import ParamError
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def parameters_cell(nb_path):
+    nb = nbformat.read(str(nb_path), as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{nb_path.name}: expected exactly one cell tagged parameters"
+    values = {}
+    for node in ast.parse(cells[0].source).body:
+        assert isinstance(node, ast.Assign), f"{nb_path.name}: parameters cell holds only assignments"
+        values[node.targets[0].id] = ast.literal_eval(node.value)
+    return values
+
+
+def test_five_ordered_notebooks():
+    assert [p.stem for p in NOTEBOOKS] == ["01_eda", "02_leakage_audit", "03_training", "04_evaluation", "05_export"]
+
+
+def test_base_yaml_sets_every_schema_key_and_fits_the_schema():
+    base = params.read_file(params.BASE)
+    assert set(base) == set(params.SCHEMA)
+
+
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_defaults_match_base_yaml(nb_path):
+    base = params.read_file(params.BASE)
+    for key, value in parameters_cell(nb_path).items():
+        assert key in params.SCHEMA, f"{nb_path.name}: {key} is not in the schema"
+        assert value == base[key], f"{nb_path.name}: default of {key} ({value!r}) differs from base.yaml ({base[key]!r})"
+
+
+def test_every_key_is_read_somewhere():
+    used = set(params.DATA_KEYS)
+    for nb_path in NOTEBOOKS:
+        used |= set(parameters_cell(nb_path))
+    assert set(params.SCHEMA) - used == set()
+
+
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebooks_carry_no_outputs(nb_path):
+    nb = nbformat.read(str(nb_path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{nb_path.name} holds outputs"
+
+
+def test_overlays_fit_the_schema():
+    for f in (ROOT / "params").glob("*.yaml"):
+        params.read_file(f)
+
+
+def test_unknown_key_is_named_with_its_file(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("epoch: 3\n")
+    with pytest.raises(ParamError, match=r"unknown parameter 'epoch' \(in .*x.yaml\)"):
+        params.resolve(f)
+
+
+@pytest.mark.parametrize("text,key", [("epochs: ten\n", "epochs"), ("lr: true\n", "lr"), ("synthetic: 1\n", "synthetic"),
+                                      ("classes: bridge\n", "classes"), ("device: gpu\n", "device"),
+                                      ("seed: {a: 1}\n", "seed")])
+def test_wrong_type_is_named(tmp_path, text, key):
+    f = tmp_path / "x.yaml"
+    f.write_text(text)
+    with pytest.raises(ParamError, match=f"'{key}'"):
+        params.resolve(f)
+
+
+def test_overlays_merge_in_order(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("epochs: 3\nlr: 0.1\n")
+    b.write_text("epochs: 5\n")
+    p = params.resolve(a, b, overrides={"seed": 7})
+    assert (p["epochs"], p["lr"], p["seed"]) == (5, 0.1, 7)
+    assert p["batch_size"] == params.read_file(params.BASE)["batch_size"]
+
+
+def test_int_is_accepted_where_a_float_is_expected(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("lr: 1\n")
+    assert params.resolve(f)["lr"] == 1
+
+
+def test_collect_rejects_an_injected_unknown_key_and_fills_defaults():
+    ns = {"epochs": 3, "epoch": 4}
+    with pytest.raises(ParamError, match="unknown parameter 'epoch'"):
+        params.collect(ns)
+    with pytest.raises(ParamError, match="'epochs'"):
+        params.collect({"epochs": "3"})
+    resolved = params.collect({"epochs": 3, "json": json, "_hidden": 1})
+    assert resolved["epochs"] == 3 and resolved["lr"] == params.read_file(params.BASE)["lr"]
+
+
+def test_cli_writes_stage_subsets_only_when_changed(tmp_path):
+    out = tmp_path / "p"
+    assert params.main([str(ROOT / "params" / "smoke.yaml"), "--set", "build_dir=x", "--out-dir", str(out)]) == 0
+    stage = yaml.safe_load((out / "02_leakage_audit.yaml").read_text())
+    assert set(stage) == set(parameters_cell(ROOT / "notebooks" / "02_leakage_audit.ipynb"))
+    assert yaml.safe_load((out / "all.yaml").read_text())["build_dir"] == "x"
+    before = (out / "03_training.yaml").stat().st_mtime_ns
+    params.main([str(ROOT / "params" / "smoke.yaml"), "--set", "build_dir=x", "--out-dir", str(out)])
+    assert (out / "03_training.yaml").stat().st_mtime_ns == before
+
+
+def test_cli_reports_a_bad_key_and_fails(tmp_path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_text("batchsize: 8\n")
+    assert params.main([str(f)]) == 2
+    assert "unknown parameter 'batchsize'" in capsys.readouterr().err
