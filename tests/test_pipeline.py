@@ -1,0 +1,115 @@
+"""End to end: `make all` with params/smoke.yaml into a temporary folder, then the README example."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+STAGES = ["01_eda", "02_leakage_audit", "03_training", "04_evaluation", "05_export"]
+
+
+def make(*args, cwd=ROOT):
+    env = {**os.environ, "MAKEFLAGS": ""}
+    return subprocess.run(["make", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    overlay = tmp / "where.yaml"
+    overlay.write_text(f"data_dir: {tmp / 'data'}\n")
+    args = [f"PARAMS=params/smoke.yaml {overlay}", f"BUILD={tmp / 'build'}", f"REPORTS={tmp / 'reports'}"]
+    first = make("all", *args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = make("all", *args)
+    return tmp, args, first, second
+
+
+def test_five_reports_and_the_index_exist(smoke_run):
+    tmp = smoke_run[0]
+    for name in STAGES + ["index"]:
+        assert (tmp / "reports" / f"{name}.html").stat().st_size > 1000, name
+
+
+def test_evaluation_report_holds_recall_table_and_confusion_matrix(smoke_run):
+    html = (smoke_run[0] / "reports" / "04_evaluation.html").read_text()
+    assert "Per-class recall, precision and F1" in html and "macro avg" in html
+    assert "Confusion matrix" in html and "row-normalised" in html
+    assert "miss rate (defect -&gt; clean)" in html
+    assert len(re.findall(r"data:image/png;base64", html)) >= 4  # recall bars, confusion, coverage, curves
+    metrics = json.loads((smoke_run[0] / "build" / "eval" / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == {"bridge", "clean", "CMP(scratch)", "cracks", "LER", "open", "others", "vias"}
+
+
+def test_training_loss_fell_and_weights_are_named(smoke_run):
+    summary = json.loads((smoke_run[0] / "build" / "train" / "summary.json").read_text())
+    assert summary["last_train_loss"] < summary["first_train_loss"]
+    assert summary["weights"]["source"] == "none"
+    assert "Weights used" in (smoke_run[0] / "reports" / "03_training.html").read_text()
+
+
+def test_onnx_parity_held(smoke_run):
+    exp = json.loads((smoke_run[0] / "build" / "export" / "export.json").read_text())
+    assert exp["parity"]["argmax_agreement"] == 1.0 and exp["parity"]["images"] > 0
+    for f in ("model.onnx", "labels.json", "label_encoder.pkl", "preprocessing.json"):
+        assert (smoke_run[0] / "build" / "export" / f).is_file()
+
+
+def test_split_has_zero_overlap_and_params_are_saved(smoke_run):
+    build = smoke_run[0] / "build"
+    for stage in ("eda", "split", "train", "eval", "export"):
+        assert (build / stage / "params.json").is_file(), stage
+    assert "No file in one split matches a file in another split" in (smoke_run[0] / "reports" / "02_leakage_audit.html").read_text()
+
+
+def test_second_make_reruns_nothing(smoke_run):
+    second = smoke_run[3]
+    assert second.returncode == 0
+    assert "lib.notebooks" not in second.stdout and "lib.index" not in second.stdout
+
+
+def test_index_links_the_reports_and_shows_headline_figures(smoke_run):
+    html = (smoke_run[0] / "reports" / "index.html").read_text()
+    for name in STAGES:
+        assert f"href='{name}.html'" in html
+    for label in ("test accuracy", "macro recall", "miss rate", "ONNX size", "latency", "wall time"):
+        assert label in html
+
+
+def test_readme_inference_example_runs_as_written(smoke_run, tmp_path):
+    """The README's code block, unchanged, run where build/export and data/synthetic exist."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- inference-example -->\s*```python\n(.*?)```", readme, re.S)
+    assert block, "README lacks the marked inference example"
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "export").symlink_to(smoke_run[0] / "build" / "export")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(smoke_run[0] / "data")
+    script = tmp_path / "example.py"
+    script.write_text(block.group(1))
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    classes = json.loads((smoke_run[0] / "build" / "export" / "labels.json").read_text())
+    assert out.stdout.strip().splitlines()[-1] in classes
+
+
+def test_bad_parameter_stops_the_run_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epoch: 3\n")
+    out = make("all", f"PARAMS={bad}", f"BUILD={tmp_path / 'b'}", f"REPORTS={tmp_path / 'r'}")
+    assert out.returncode != 0
+    assert "unknown parameter 'epoch'" in out.stderr and "bad.yaml" in out.stderr
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.html"))
+
+
+def test_missing_dataset_folder_is_named(tmp_path):
+    own = tmp_path / "own.yaml"
+    own.write_text(f"synthetic: false\ndata_dir: {tmp_path / 'nowhere'}\n")
+    out = make("all", f"PARAMS={own}", f"BUILD={tmp_path / 'b'}", f"REPORTS={tmp_path / 'r'}")
+    assert out.returncode != 0
+    assert f"dataset folder not found: {tmp_path / 'nowhere'}" in out.stderr
