@@ -143,6 +143,15 @@ def _densify(pts: np.ndarray, vals: np.ndarray, factor: int = 4) -> tuple[np.nda
     return p, np.interp(t, i, vals)
 
 
+def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Small matrix product without BLAS (whose idle threads would spin in worker processes)."""
+    return np.einsum("ik,kj->ij", a, b)
+
+
+def _upsample(grid: np.ndarray, W: np.ndarray) -> np.ndarray:
+    return _mm(_mm(W, grid), W.T)
+
+
 @functools.lru_cache(maxsize=8)
 def _bicubic_matrix(n: int, k: int = 5) -> np.ndarray:
     """(n, k) matrix of cubic-spline upsampling weights (separable, so bg = W @ grid @ W.T)."""
@@ -241,18 +250,28 @@ class _Scene:
 
 
 def _place(cv: _Canvas, attempt) -> int:
-    """Try a defect until it is visible enough after cropping; returns 1 if committed."""
+    """Redraw a defect until it is visible enough after cropping; returns 1 if one was committed.
+
+    Positions keep >= 15 % from the border; only the last third of the attempts may use the whole
+    crop (needed for small images whose central 70 % can be narrower than a pitch).
+    """
     best = None
-    for _ in range(_MAX_TRIES):
-        res = attempt()
-        if res is None:
-            continue
-        area, commit = res
-        if area >= cv.min_area:
-            commit()
-            return 1
-        if best is None or area > best[0]:
-            best = res
+    lo, hi = cv.lo, cv.hi
+    try:
+        for k in range(_MAX_TRIES):
+            if k == 2 * _MAX_TRIES // 3:
+                cv.lo, cv.hi = cv.c0 + 2.0, cv.c1 - 2.0
+            res = attempt()
+            if res is None:
+                continue
+            area, commit = res
+            if area >= cv.min_area:
+                commit()
+                return 1
+            if best is None or area > best[0]:
+                best = res
+    finally:
+        cv.lo, cv.hi = lo, hi
     if best is not None and best[0] > 0:
         best[1]()
         return 1
@@ -303,21 +322,31 @@ class _Lines:
         x, y = u * self.c - v * self.s, u * self.s + v * self.c
         return y / self.cv.p2 - 0.5, x / self.cv.p2 - 0.5
 
-    def iv(self, V):
-        i = np.rint((V - self.vmin) / self.cv.p2).astype(np.intp)
-        return np.clip(i, 0, self.nv - 1)
+    def ivr(self, rows):
+        """Edge-profile sample index of fine-pixel rows.
 
-    def raster(self, win=None):
-        win = win or (0, self.cv.n2, 0, self.cv.n2)
-        rows, cols = self.cv.grid(win)
-        U, V = self.uv(rows, cols)
-        li = np.floor((U - self.centres[0]) / self.P).astype(np.intp)
-        np.clip(li, 0, self.nl - 2, out=li)
-        du = U - self.centres[li].astype(_F32)
-        fi = li * self.nv + self.iv(V)
-        m = du < (0.5 * self.CD + self.eR.ravel()[fi])
-        m |= du > (self.P - 0.5 * self.CD + self.eL.ravel()[fi + self.nv])
-        return m
+        Profiles are indexed by y*cos(tilt) rather than the rotated v = y cos - x sin: along one
+        line x is nearly constant, so this only shifts each line's (random) profile by a constant.
+        """
+        v = (np.asarray(rows, dtype=np.float64) + 0.5) * self.cv.p2 * self.c
+        return np.clip(np.rint((v - self.vmin) / self.cv.p2).astype(np.intp), 0, self.nv - 1)
+
+    def raster(self) -> np.ndarray:
+        """Line mask on the fine grid: per-row column intervals, filled by a difference array."""
+        n, p2 = self.cv.n2, self.cv.p2
+        r = np.arange(n)
+        iv = self.ivr(r)
+        ys = ((r + 0.5) * p2 * self.s)[None, :]
+        hw = 0.5 * self.CD
+        xs = (self.centres[:, None] - hw + self.eL[:, iv] - ys) / self.c
+        xe = (self.centres[:, None] + hw + self.eR[:, iv] - ys) / self.c
+        cs = np.clip(np.ceil(xs / p2 - 0.5), 0, n).astype(np.intp)
+        ce = np.clip(np.ceil(xe / p2 - 0.5), 0, n).astype(np.intp)
+        ce = np.maximum(ce, cs)
+        base = r[None, :] * (n + 1)
+        diff = np.bincount((base + cs).ravel(), minlength=n * (n + 1))
+        diff -= np.bincount((base + ce).ravel(), minlength=n * (n + 1))
+        return np.cumsum(diff.reshape(n, n + 1), axis=1)[:, :n] > 0
 
     def line_index(self, u):
         return int(np.clip(round((u - self.centres[0]) / self.P), 1, self.nl - 2))
@@ -338,7 +367,7 @@ class _Lines:
         win = cv.window(rr, cc, hr, hc)
         rows, cols = cv.grid(win)
         U, V = self.uv(rows, cols)
-        return win, U, V
+        return win, U, V, self.ivr(rows)
 
     def _side_profiles(self, rng, n, hu, scale=1.0):
         nu = int(2 * hu / self.cv.p2) + 4
@@ -363,17 +392,16 @@ def _bridge(sc: _Scene, L: _Lines, rng):
         return None
     li, uc, v0 = pk
     w0 = rng.uniform(0.3, 1.5) * L.CD
-    widen = rng.uniform(0.5, 2.0) if rng.random() < 0.5 else 0.0
+    widen = rng.uniform(0.3, 1.0) if rng.random() < 0.5 else 0.0
     hb = 1.0 if rng.random() < 0.6 else rng.uniform(0.5, 0.8)  # full height or dim micro-bridge
     hu = L.P
     hv = 0.5 * w0 * (1 + widen) + 4 * L.sigma + 2 * L.cv.p2
-    win, U, V = L._local(uc, v0, hu, hv)
-    iv = L.iv(V)
+    win, U, V, iv = L._local(uc, v0, hu, hv)
     R = L.centres[li] + 0.5 * L.CD + L.eR[li][iv]
     Ln = L.centres[li + 1] - 0.5 * L.CD + L.eL[li + 1][iv]
     ov = 0.2 * L.CD
     q = (U - uc) / (0.5 * L.S)
-    w = w0 * (1.0 + widen * np.minimum(q * q, 1.5))
+    w = w0 * (1.0 + widen * np.minimum(q * q, 1.0))
     eT, eB = L._side_profiles(rng, 2, hu)
     iu = np.clip(np.rint((U - (uc - hu)) / L.cv.p2).astype(np.intp), 0, eT.size - 1)
     dv = V - v0
@@ -399,8 +427,7 @@ def _open(sc: _Scene, L: _Lines, rng, pinch: bool):
         ell = rng.uniform(1.0, 2.0) * cd  # FWHM of the narrowing
         frac = rng.uniform(0.0, 0.2)
         asym = rng.uniform(-1, 1) if rng.random() < 0.5 else 0.0
-        win, U, V = L._local(uc, v0, hu, ell + 2 * L.cv.p2)
-        iv = L.iv(V)
+        win, U, V, iv = L._local(uc, v0, hu, ell + 2 * L.cv.p2)
         le = uc - 0.5 * cd + L.eL[li][iv]
         re = uc + 0.5 * cd + L.eR[li][iv]
         dv = V - v0
@@ -411,10 +438,10 @@ def _open(sc: _Scene, L: _Lines, rng, pinch: bool):
     else:
         gap = rng.uniform(0.5, 3.0) * cd
         kappa = rng.uniform(0.5, 1.0)
-        i0 = int(L.iv(np.array([v0]))[0])
+        i0 = int(L.ivr(L.to_rc(uc, v0)[0]))
         lc = uc + 0.5 * (L.eL[li][i0] + L.eR[li][i0])
         hw = max(0.5 * (cd + L.eR[li][i0] - L.eL[li][i0]), 0.5 * L.cv.p2)
-        win, U, V = L._local(uc, v0, hu, 0.5 * gap + kappa * hw + 4 * L.sigma + 2 * L.cv.p2)
+        win, U, V, _ = L._local(uc, v0, hu, 0.5 * gap + kappa * hw + 4 * L.sigma + 2 * L.cv.p2)
         q = np.clip((U - lc) / hw, -1, 1)
         cap = kappa * hw * (1 - np.sqrt(1 - q * q))
         eT, eB = L._side_profiles(rng, 2, hu, 0.8)
@@ -444,21 +471,26 @@ def _pattern_patch(sc: _Scene, L: _Lines, rng, collapse: bool):
     """others: a patch of missing pattern, or of collapsed (fallen, meandering) lines."""
     cv = sc.cv
     row, col = cv.rand_point(rng)
-    rad = rng.uniform(1.5, 3.0) * L.P / cv.p2
+    rad = min(rng.uniform(1.5, 3.0) * L.P / cv.p2, rng.uniform(0.15, 0.3) * 2 * cv.size)
     win = cv.window(row, col, rad * 1.5 + 2)
     r0, r1, c0, c1 = win
     sub = sc.h[r0:r1, c0:c1]
     blob = _blob(rng, sub.shape, row - r0, col - c0, rad)
-    if collapse:
-        s_across = 0.3 * L.CD / cv.p2
-        s_along = rng.uniform(1.0, 3.0) * L.CD / cv.p2
-        f = ndi.gaussian_filter(rng.standard_normal(sub.shape).astype(_F32), (s_along, s_across))
-        thr = np.quantile(f, 1.0 - L.CD / L.P)
-        repl = (f > thr).astype(_F32)
+    if collapse:  # fallen lines: leaning, meandering, touching their neighbours
+        rows, cols = cv.grid(win)
+        U, V = L.uv(rows, cols)
+        noise = rng.standard_normal(sub.shape)
+        corr = rng.uniform(0.5, 1.5) * L.P / cv.p2
+        f = np.fft.irfft2(ndi.fourier_gaussian(np.fft.rfft2(noise), corr, n=sub.shape[1]), s=sub.shape)
+        f /= max(float(f.std()), 1e-9)
+        lean = rng.uniform(0.3, 1.2) * (1 if rng.random() < 0.5 else -1)
+        vc = float(V.mean())
+        Up = U + rng.uniform(0.5, 1.2) * L.P * f.astype(_F32) + lean * (V - vc)
+        repl = (np.mod((Up - L.centres[0]) / L.P + 0.5 * L.CD / L.P, 1.0) < L.CD / L.P).astype(_F32)
     else:
         repl = np.zeros_like(sub)
     new = np.where(blob, repl, sub)
-    fp = blob if collapse else (new != sub)
+    fp = new != sub
 
     def commit():
         sc.h[r0:r1, c0:c1] = new
@@ -489,7 +521,7 @@ class _Holes:
         self.ni = int(math.ceil((us.max() - phase_u) / pitch)) + 2 - self.imin + 1
         n = self.nj * self.ni
         ks = np.arange(2, 9)
-        a = rng.standard_normal((n, ks.size)) / ks[None, :] ** 0.75
+        a = rng.standard_normal((n, ks.size)) / ks[None, :] ** 1.5
         a *= cer_sigma / np.sqrt(0.5 * (a * a).sum(axis=1, keepdims=True))
         phs = rng.uniform(0, 2 * np.pi, (n, ks.size))
         eps = rng.normal(0, 0.02, n)
@@ -510,27 +542,43 @@ class _Holes:
         return y / self.cv.p2 - 0.5, x / self.cv.p2 - 0.5
 
     def raster(self) -> np.ndarray:
+        """Height map (holes = 0): every hole drawn in its own small patch, all patches at once."""
         cv = self.cv
-        rows, cols = cv.grid((0, cv.n2, 0, cv.n2))
-        x, y = (cols + 0.5) * cv.p2, (rows + 0.5) * cv.p2
-        U, V = x * self.c + y * self.s, -x * self.s + y * self.c
-        j = np.rint((V - self.pv) / self.P)
-        sh = np.mod(j, 2) * _F32(0.5 * self.P) if self.stag else _F32(0)
-        i = np.rint((U - self.pu - sh) / self.P)
-        dx = U - (self.pu + sh + i * self.P)
-        dy = V - (self.pv + j * self.P)
-        rr = dx * dx + dy * dy
-        hole = rr < self.rlo**2
-        band = (rr >= self.rlo**2) & (rr <= self.rhi**2)
-        hid = ((j - self.jmin) * self.ni + (i - self.imin)).astype(np.intp)[band]
-        hid = np.clip(hid, 0, self.table.shape[0] - 1)
-        t = (np.arctan2(dy[band], dx[band]) * (self.NT / (2 * np.pi))) % self.NT
+        n, p2 = cv.n2, cv.p2
+        jj, ii = np.meshgrid(np.arange(self.nj) + self.jmin, np.arange(self.ni) + self.imin, indexing="ij")
+        jj, ii = jj.ravel(), ii.ravel()
+        sh = (jj % 2) * 0.5 * self.P if self.stag else 0.0
+        u, v = self.pu + sh + ii * self.P, self.pv + jj * self.P
+        x, y = u * self.c - v * self.s, u * self.s + v * self.c
+        cr, cc = y / p2 - 0.5, x / p2 - 0.5  # hole centres, fine px
+        rhi = self.rhi / p2
+        K = int(math.ceil(2 * rhi)) + 3
+        keep = (cr > -rhi) & (cr < n + rhi) & (cc > -rhi) & (cc < n + rhi)
+        hid = np.nonzero(keep)[0]
+        cr, cc = cr[keep], cc[keep]
+        br = np.floor(cr - 0.5 * K).astype(np.intp)
+        bc = np.floor(cc - 0.5 * K).astype(np.intp)
+        o = np.arange(K)
+        py, px = br[:, None] + o, bc[:, None] + o  # (nh, K)
+        dy = (py - cr[:, None]).astype(_F32)[:, :, None]
+        dx = (px - cc[:, None]).astype(_F32)[:, None, :]
+        rr = dy * dy + dx * dx  # (nh, K, K)
+        tab = self.table[hid] / p2
+        rlo = float(tab.min())
+        hole = rr < rlo * rlo
+        band = ~hole & (rr <= rhi * rhi)
+        bh, by, bx = np.nonzero(band)
+        t = (np.arctan2(dy[bh, by, 0], dx[bh, 0, bx]) * (self.NT / (2 * np.pi))) % self.NT
         t0 = np.floor(t).astype(np.intp)
         fr = t - t0
-        tab = self.table
-        rth = tab[hid, t0 % self.NT] * (1 - fr) + tab[hid, (t0 + 1) % self.NT] * fr
-        hole[band] = np.sqrt(rr[band]) < rth
-        return np.where(hole, _F32(0), _F32(1))
+        rth = tab[bh, t0 % self.NT] * (1 - fr) + tab[bh, (t0 + 1) % self.NT] * fr
+        hole[bh, by, bx] = np.sqrt(rr[bh, by, bx]) < rth
+        hh, hy, hx = np.nonzero(hole)
+        ry, rx = py[hh, hy], px[hh, hx]
+        ok = (ry >= 0) & (ry < n) & (rx >= 0) & (rx < n)
+        h = np.ones((n, n), _F32)
+        h[ry[ok], rx[ok]] = 0
+        return h
 
     def hole_table(self, i, j):
         hid = int(np.clip((j - self.jmin) * self.ni + (i - self.imin), 0, self.table.shape[0] - 1))
@@ -650,7 +698,7 @@ def _particle(sc: _Scene, rng, radius_px, center=None, shadow=True):
     ds = rng.uniform(2, 5) * cv.s * 2.0 if shadow else 0.0
     ang = rng.uniform(0, 2 * np.pi)
     cp = rng.uniform(0.9, 1.3)
-    krim = rng.uniform(0.3, 0.8)
+    krim = rng.uniform(0.3, 0.7)
     sf = rng.uniform(0.35, 0.7)
     half = R0 * (1 + b.sum()) + ds + 3
     win = cv.window(cy, cx, half)
@@ -659,7 +707,8 @@ def _particle(sc: _Scene, rng, radius_px, center=None, shadow=True):
     xx = np.arange(c0, c1, dtype=_F32)[None, :] - cx
     rho = np.hypot(yy, xx) / (R0 * _harm_eval(np.arctan2(yy, xx), b, ph))
     P = rho < 1
-    shade = (cp * (1 + krim * (1 / np.sqrt(np.maximum(1 - rho * rho, 0.04)) - 1))).astype(_F32)
+    # SE yield of a tilted surface ~ 1/cos(tilt): brightest at the rim (clamped at cos = 0.3)
+    shade = (cp * (1 + krim * (1 / np.sqrt(np.maximum(1 - rho * rho, 0.09)) - 1))).astype(_F32)
     if ds > 0:
         sy, sx = yy - ds * math.sin(ang), xx - ds * math.cos(ang)
         S = (np.hypot(sy, sx) / (R0 * _harm_eval(np.arctan2(sy, sx), b, ph)) < 1) & ~P
@@ -711,7 +760,7 @@ def _pinholes(sc: _Scene, rng):
     n = int(rng.integers(3, 13))
     spread = rng.uniform(15, 40) * cv.s * 2.0
     pts = np.stack([cy + rng.normal(0, 0.5 * spread, n), cx + rng.normal(0, 0.5 * spread, n)], 1)
-    rad = np.maximum(rng.uniform(1, 3, n) * cv.s * 2.0, 1.0)
+    rad = np.maximum(rng.uniform(2, 5, n) * cv.s * 2.0, 1.0)
     half = spread * 2 + 8
     win = cv.window(cy, cx, half)
     r0, r1, c0, c1 = win
@@ -730,6 +779,7 @@ def _crack(sc: _Scene, rng):
     cy, cx = cv.rand_point(rng)
     length = rng.uniform(0.6, 1.0) * cv.size  # final px
     sig_h = rng.uniform(0.15, 0.3)
+    kappa = rng.uniform(0.08, 0.2)
     p_br = rng.uniform(0.01, 0.03)
     w0 = max(rng.uniform(1, 3) * cv.s, 1.0)
     psi = rng.uniform(0, 2 * np.pi)
@@ -738,10 +788,14 @@ def _crack(sc: _Scene, rng):
     def walk(p0, heading, n, w_start, depth):
         if n < 3 or len(segs) >= 40:
             return
-        th = heading + np.cumsum(rng.normal(0, sig_h, n))
+        # heading noise N(0, sig_h) per step, mean-reverting towards the segment's direction
+        # (AR(1), decay 1 - kappa) so that the crack stays directional and jagged
+        eps = rng.normal(0, sig_h, n)
+        th = heading + np.convolve(eps, (1 - kappa) ** np.arange(n))[:n]
         steps = np.stack([np.sin(th), np.cos(th)], 1) * 2.0  # 1 final px = 2 fine px
         pts = np.vstack([p0[None, :], p0[None, :] + np.cumsum(steps, 0)])
-        w = w_start * (1 - np.arange(n + 1) / (n + 1)) ** 0.7
+        rem = 1 - np.arange(n + 1) / (n + 1)
+        w = w_start * np.minimum(1.0, rem / 0.35) ** 0.6  # tapering over the last third
         segs.append((pts, np.maximum(w, 0.5)))
         if depth < 3:
             for k in np.nonzero(rng.random(n) < p_br)[0]:
@@ -782,7 +836,7 @@ def _scratch(sc: _Scene, rng):
     a0 = math.atan2(cy - C[0], cx - C[1])
     # angular direction of increasing arc length t (sign of the tangent relative to d)
     tang = np.array([math.cos(a0), -math.sin(a0)])  # d/da of (sin a, cos a) in (row, col)
-    sgn = 1.0 if float(tang @ d) >= 0 else -1.0
+    sgn = 1.0 if float(np.dot(tang, d)) >= 0 else -1.0
     # visible length check on samples along the arc
     ts = np.arange(-t1, t2, 2.0)
     ang = a0 + sgn * ts / R
@@ -791,18 +845,18 @@ def _scratch(sc: _Scene, rng):
     if np.count_nonzero(inside) * 2.0 < 0.7 * sz2:
         return None
 
-    rows = np.arange(n2, dtype=np.float64)[:, None] - C[0]
-    cols = np.arange(n2, dtype=np.float64)[None, :] - C[1]
+    rows = (np.arange(n2) - C[0]).astype(_F32)[:, None]
+    cols = (np.arange(n2) - C[1]).astype(_F32)[None, :]
     rr = np.sqrt(rows * rows + cols * cols)
     npar = int(rng.integers(0, 4))
     offs = rng.uniform(5, 30, npar) * cv.s * 2.0 * np.where(rng.random(npar) < 0.5, 1, -1)
     pw = np.maximum(rng.uniform(1, 3, npar) * cv.s * 2.0, 1.0)
     pdepth = rng.uniform(0.1, 0.3, npar)
     wmax = w0 * (1 + cm) + 2 * (np.abs(offs).max() + pw.max() if npar else 0) + 4
-    band = np.abs(rr - R) < wmax
-    bi = np.nonzero(band)
-    dr = (rr[bi] - R)
-    tt = sgn * R * (((np.arctan2(rows[bi[0], 0], cols[0, bi[1]]) - a0) + np.pi) % (2 * np.pi) - np.pi)
+    bi = np.nonzero(np.abs(rr - _F32(R)) < wmax)
+    dr = rr[bi].astype(np.float64) - R
+    ang = np.arctan2(rows[bi[0], 0].astype(np.float64), cols[0, bi[1]].astype(np.float64))
+    tt = sgn * R * (((ang - a0) + np.pi) % (2 * np.pi) - np.pi)
     along = (tt > -t1) & (tt < t2)
     w = w0 * (1 + cm * np.sin(2 * np.pi * tt / cper + cph)) if chatter else np.full_like(tt, w0)
     g = np.zeros((n2, n2), bool)
@@ -902,8 +956,9 @@ def _build_scene(cv: _Canvas, cls: str, r_lay, r_def, params: dict) -> _Scene:
             U, V = x * math.cos(t) + y * math.sin(t), -x * math.sin(t) + y * math.cos(t)
             m = (np.mod(U / px_ + ox, 1.0) < fx) & (np.mod(V / py_ + oy, 1.0) < fy)
         else:
-            g = ndi.gaussian_filter(r_lay.standard_normal((cv.n2 // 8, cv.n2 // 8)).astype(_F32), 4.0)
-            m = ndi.zoom(g, 8, order=1) > np.quantile(g, r_lay.uniform(0.3, 1.0))
+            g = ndi.gaussian_filter(r_lay.standard_normal((16, 16)), 1.5, mode="wrap").astype(_F32)
+            W = _bicubic_matrix(cv.n2, 16)
+            m = _upsample(g, W) > np.quantile(g, r_lay.uniform(0.3, 1.0))
         sc.mat = np.where(m, _F32(contrast), _F32(0))
 
     # --- defects (own random stream; imaging parameters never depend on them) ---
@@ -945,12 +1000,12 @@ def _build_scene(cv: _Canvas, cls: str, r_lay, r_def, params: dict) -> _Scene:
             count += _place(cv, lambda: _scratch(sc, r_def))
         kinds.append("CMP(scratch)")
     elif cls == "cracks":
-        sc.groove_dark = r_def.uniform(0.4, 0.75)
+        sc.groove_dark = r_def.uniform(0.1, 0.35)  # deep, narrow: few SEs escape its floor
         for _ in range(n_def):
             count += _place(cv, lambda: _crack(sc, r_def))
         kinds.append("cracks")
     elif cls == "others":
-        sc.groove_dark = r_def.uniform(0.4, 0.75)
+        sc.groove_dark = r_def.uniform(0.1, 0.35)  # pinholes: deep pits
         # never something that looks like another class (no missing holes in arrays, no pits on lines)
         menu = {"line_space": (("particle", "residue", "missing_pattern", "collapse"), (0.35, 0.25, 0.2, 0.2)),
                 "contact_array": (("particle", "residue"), (0.6, 0.4)),
@@ -1037,33 +1092,56 @@ def _draw_imaging(r) -> dict:
     return ip
 
 
+def _half(a: np.ndarray) -> np.ndarray:
+    """Area-average 2x2 blocks (fine grid -> output grid)."""
+    return (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]) * _F32(0.25)
+
+
 def _se_yield(sc: _Scene, ip: dict) -> np.ndarray:
-    """Secondary-electron yield at fine resolution (edge effect from distance transforms in nm)."""
+    """Secondary-electron yield at fine resolution, edge effect from a distance transform in nm.
+
+    Levels: 2 = top (raised material), 1 = bottom, 0 = groove (scratch/crack/pit below the
+    bottom). Pixels on the upper side of a step get c + a*exp(-d_in/lambda) (bright edge), pixels
+    on the lower side c_bot + 0.3*a*exp(-d_out/(0.7*lambda)); d is measured from the nearest
+    upper-side edge pixel, found with one Euclidean distance (feature) transform.
+    """
     cv = sc.cv
     p2, a, lam = cv.p2, ip["edge_amp"], ip["edge_lambda_nm"]
     ct, cb = ip["c_top"], ip["c_bot"]
     h = sc.h
-    T0 = h > 0.25
-    G = sc.groove
-    T = T0 & ~G if G is not None else T0
-    B = _inner_boundary(T)
-    if B.any():
-        d = ndi.distance_transform_edt(~B).astype(_F32)
+    T = h > 0.25
+    G = sc.groove if sc.groove is not None and sc.groove.any() else None
+    if G is not None:
+        T &= ~G
+        lev = T.astype(np.int8) + 1
+        lev[G] = 0
+        up = np.zeros_like(T)
+        up[1:] |= lev[1:] > lev[:-1]
+        up[:-1] |= lev[:-1] > lev[1:]
+        up[:, 1:] |= lev[:, 1:] > lev[:, :-1]
+        up[:, :-1] |= lev[:, :-1] > lev[:, 1:]
     else:
+        up = _inner_boundary(T)
+    if not up.any():
         d = np.full(h.shape, 1e4, _F32)
-    e_top = np.exp(-(d + _F32(0.5)) * _F32(p2 / lam))
-    e_bot = np.exp(-np.maximum(d - _F32(0.5), 0) * _F32(p2 / (0.7 * lam)))
+        same = T
+    elif G is None:
+        d = ndi.distance_transform_edt(~up).astype(_F32)
+        same = T  # the only upper-side edges are those of the top level
+    else:
+        d, (iy, ix) = ndi.distance_transform_edt(~up, return_indices=True)
+        d = d.astype(_F32)
+        same = lev.ravel()[iy.ravel() * lev.shape[1] + ix.ravel()].reshape(lev.shape) == lev
+    e_up = np.exp(-(d + _F32(0.5)) * _F32(p2 / lam))
+    e_lo = np.exp(-np.maximum(d - _F32(0.5), 0) * _F32(p2 / (0.7 * lam)))
     ctop = ct if sc.mat is None else ct + sc.mat
-    Y = np.where(T, cb + h * (ctop - cb + a * e_top), cb + _F32(0.3 * a) * e_bot).astype(_F32)
-    if G is not None and G.any():
+    Y = np.where(T, cb + h * (ctop - cb + a * e_up), cb + _F32(0.3 * a) * e_lo).astype(_F32)
+    if G is not None:
         Y[G] -= _F32(cb * (1 - sc.groove_dark))
-        low = G & ~T0
-        if low.any():  # grooves through bottom regions: lips on their upper side too
-            dg = ndi.distance_transform_edt(~G).astype(_F32)
-            lip = np.exp(-(dg - _F32(0.5)) * _F32(p2 / lam)) * _F32(0.7 * a)
-            Y += np.where(~T & ~G, lip, _F32(0))
+        lip = same & ~T & ~G  # bottom pixels on the upper side of a groove edge
+        Y[lip] += _F32(0.7 * a) * e_up[lip] - _F32(0.3 * a) * e_lo[lip]
     if sc.pmask is not None:
-        Y = np.where(sc.pmask, ct * sc.pY + a * e_top, Y)
+        Y = np.where(sc.pmask, ct * sc.pY + a * e_up, Y)
     if sc.mult is not None:
         Y *= sc.mult
     return Y
@@ -1085,13 +1163,15 @@ def _form_image(sc: _Scene, ip: dict, rn) -> np.ndarray:
     cv = sc.cv
     n1, size, M, p = cv.n1, cv.size, _MARGIN, cv.p
     # 1. SE yield at 2x, area-averaged down; surface texture
-    Y = _se_yield(sc, ip).reshape(n1, 2, n1, 2).mean(axis=(1, 3))
-    tex = ndi.gaussian_filter(rn.standard_normal((n1, n1), dtype=_F32), max(ip["texture_sigma_nm"] / p, 0.5))
+    Y = _half(_se_yield(sc, ip))
+    noise = rn.standard_normal((n1, n1), dtype=_F32)
+    tsig = max(ip["texture_sigma_nm"] / p, 0.5)
+    tex = _sfft.irfft2(ndi.fourier_gaussian(_sfft.rfft2(noise), tsig, n=n1), s=(n1, n1))
     tex /= max(float(tex.std()), 1e-6)
     Y *= 1 + _F32(ip["texture_amp"]) * tex
     # 2. slowly varying background (bicubic upsampling of a 5x5 grid)
     W = _bicubic_matrix(n1)
-    Y += _F32(ip["background_amp"]) * (W @ ip["_bg_grid"].astype(_F32) @ W.T)
+    Y += _F32(ip["background_amp"]) * _upsample(ip["_bg_grid"].astype(_F32), W)
     # 3. beam blur: anisotropic Gaussian PSF
     Y = _blur(Y, ip["beam_sigma_nm"] / p, ip["astigmatism"], math.radians(ip["astig_angle_deg"]))
     # 4. scan distortion (sines of raster time, drift, per-row jitter), bilinear, crop the margin
@@ -1102,8 +1182,8 @@ def _form_image(sc: _Scene, ip: dict, rn) -> np.ndarray:
     # sin(2 pi f (r*n1 + c)/n1^2 + phi) = Im(e^{i phi} e^{i 2 pi f r/n1} e^{i 2 pi f c/n1^2})
     A = amp * np.exp(1j * ph) * np.exp(2j * np.pi * np.outer(rows, fr) / n1)
     Bc = np.exp(2j * np.pi * np.outer(fr, cols) / n1**2)
-    dx = (A[:, isx] @ Bc[isx]).imag
-    dy = (A[:, ~isx] @ Bc[~isx]).imag
+    dx = _mm(A[:, isx], Bc[isx]).imag
+    dy = _mm(A[:, ~isx], Bc[~isx]).imag
     t = (rows[:, None] * n1 + cols[None, :]) / n1**2
     da = ip["_drift_angle"]
     dx += ip["drift_px"] * math.cos(da) * t + rn.normal(0, ip["jitter_px"], size)[:, None]
@@ -1126,7 +1206,7 @@ def _form_image(sc: _Scene, ip: dict, rn) -> np.ndarray:
         g = np.linspace(-1, 1, size, dtype=_F32)
         Y *= 1 + _F32(ip["charging_ramp"]) * (g[None, :] * math.cos(ra) + g[:, None] * math.sin(ra)) / _F32(1.42)
         if sc.pmask is not None:
-            pm = sc.pmask.reshape(n1, 2, n1, 2).mean(axis=(1, 3))[M:M + size, M:M + size].astype(_F32)
+            pm = _half(sc.pmask.astype(_F32))[M:M + size, M:M + size]
             Y += _F32(ip["_halo_amp"]) * ndi.gaussian_filter(pm, ip["_halo_sigma_px"] * cv.s) * (1 - pm)
     # 6. shot noise with frame averaging
     Y = np.maximum(Y, _F32(1e-3))
@@ -1192,6 +1272,25 @@ def _slug(cls: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", cls.lower()).strip("_")
 
 
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm  # lazy; console bar (tqdm.auto would warn in kernels without ipywidgets)
+
+    return tqdm(total=total, desc="render", unit="img")
+
+
 def _render_task(task):
     seed, cls, index, size, root = task
     from PIL import Image
@@ -1235,28 +1334,21 @@ def render_dataset(out_dir, *, n_per_class: int | dict = 150, seed: int = 0, siz
             if counts[c]:
                 (tmp / c).mkdir()
             tasks += [(int(seed), c, i, int(size), str(tmp)) for i in range(counts[c])]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(tasks), desc="render", unit="img")
         results = []
         if workers <= 1 or len(tasks) <= 1:
-            for t in tasks:
-                results.append(_render_task(t))
-                if bar is not None:
+            with _progress(progress, len(tasks)) as bar:
+                for t in tasks:
+                    results.append(_render_task(t))
                     bar.update()
         else:
             import multiprocessing as mp
 
+            # fork (where available) needs no importable __main__; workers only run numpy/scipy
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-            with ctx.Pool(int(workers)) as pool:
+            with ctx.Pool(int(workers)) as pool, _progress(progress, len(tasks)) as bar:
                 for res in pool.imap(_render_task, tasks, chunksize=4):
                     results.append(res)
-                    if bar is not None:
-                        bar.update()
-        if bar is not None:
-            bar.close()
+                    bar.update()
         rows, keys = [], {}
         for rel, c, i, params in results:
             row = {"path": rel, "class": c, "index": i, "image_seed": params["image_seed"]}
@@ -1268,6 +1360,7 @@ def render_dataset(out_dir, *, n_per_class: int | dict = 150, seed: int = 0, siz
         cols = ["path", "class", "index", "image_seed"] + list(keys)
         df = pd.DataFrame(rows, columns=cols)
         df.to_csv(tmp / "manifest.csv", index=False)
+        os.chmod(tmp, 0o755)  # mkdtemp creates it private
         old = None
         if out.exists() or out.is_symlink():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -1279,7 +1372,10 @@ def render_dataset(out_dir, *, n_per_class: int | dict = 150, seed: int = 0, siz
                 os.rename(old, out)
             raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         return df
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
