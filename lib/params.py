@@ -68,6 +68,7 @@ SCHEMA: dict[str, Param] = {
     "class_weights": Param(bool, "weight the cross-entropy by inverse training-split class frequency"),
     "weighted_sampler": Param(bool, "draw training batches class-balanced"),
     "aug_shift": Param(_NUM, "largest random shift as a fraction of the image side (0 = off)"),
+    "aug_scale": Param(_NUM, "largest zoom-in as a fraction of the side, a pixel-size change (0 = off)"),
     "aug_brightness": Param(_NUM, "largest brightness change, fraction (0 = off)"),
     "aug_contrast": Param(_NUM, "largest contrast change, fraction (0 = off)"),
     "aug_noise": Param(_NUM, "largest std of added Gaussian noise on the 0-1 scale (0 = off)"),

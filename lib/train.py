@@ -46,8 +46,8 @@ class _AddNoise(nn.Module):
         return (x + torch.randn_like(x) * std).clamp(0, 1)
 
 
-def train_transform(*, size: int, shift: float = 0.0, brightness: float = 0.0, contrast: float = 0.0,
-                    noise: float = 0.0, blur: float = 0.0, flip: bool = False) -> v2.Compose:
+def train_transform(*, size: int, shift: float = 0.0, scale: float = 0.0, brightness: float = 0.0,
+                    contrast: float = 0.0, noise: float = 0.0, blur: float = 0.0, flip: bool = False) -> v2.Compose:
     """Augmentation for grayscale [1, H, W] tensors on 0-1 that keeps SEM semantics.
 
     No rotations or flips unless asked: scan direction and shading are not symmetric.
@@ -56,6 +56,10 @@ def train_transform(*, size: int, shift: float = 0.0, brightness: float = 0.0, c
     steps: list[nn.Module] = []
     if flip:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if scale > 0:
+        # zoom in by up to `scale` of the side: SEM tools and recipes differ in pixel size
+        area = (1 - scale) ** 2
+        steps.append(v2.RandomResizedCrop(size, scale=(area, 1.0), ratio=(0.9, 1.1), antialias=True))
     if shift > 0:
         # shift by cropping a reflect-padded image: no black borders for the model to learn
         steps.append(v2.RandomCrop(size, padding=max(1, round(shift * size)), padding_mode="reflect"))
@@ -123,7 +127,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, prog
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
         logits = model(x)
         loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -145,7 +149,7 @@ def predict(model, loader, device) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     logits, labels = [], []
     for x, y in loader:
-        logits.append(model(x.to(device)).float().cpu())
+        logits.append(model(x.to(device, memory_format=torch.channels_last)).float().cpu())
         labels.append(y)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
@@ -174,6 +178,8 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     `on_best(model, epoch, val_metrics)` is called whenever validation macro recall improves
     (ties broken by lower validation loss), e.g. to write the checkpoint.
     """
+    # channels-last is about twice as fast for MobileNetV2's depthwise convolutions on CPU
+    model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * len(train_loader)
     scheduler = warmup_cosine(optimizer, warmup_steps=max(1, int(warmup_epochs * len(train_loader))),
