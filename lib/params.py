@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ SCHEMA: dict[str, Param] = {
     "synthetic_size": Param(int, "synthetic image side in pixels"),
     "classes": Param(list, "class names, in label order"),
     "seed": Param(int, "global seed: dataset, split, initialisation, augmentation"),
-    "build_dir": Param(str, "folder for artifacts (checkpoints, manifests, metrics, ONNX)"),
+    "build_dir": Param(str, "folder for artifacts (checkpoints, manifests, metrics, ONNX); make sets it from BUILD"),
     # 01_eda
     "eda_samples_per_class": Param(int, "images per class in the sample grid"),
     # 02_leakage_audit
@@ -142,6 +141,9 @@ def resolve(*files: str | Path, overrides: dict[str, Any] | None = None) -> dict
     return merged
 
 
+_YAML_TYPES = (str, int, float, bool, list, dict, type(None))
+
+
 def collect(namespace: dict[str, Any]) -> dict[str, Any]:
     """Validate the parameters a notebook holds after papermill's injection.
 
@@ -154,12 +156,11 @@ def collect(namespace: dict[str, Any]) -> dict[str, Any]:
         hidden = set(get_ipython().user_ns_hidden)  # type: ignore[name-defined]  # noqa: F821
     except NameError:
         pass
+    # Parameters are YAML values; anything else (modules, functions, frames, paths) is not one.
     given = {
         k: v
         for k, v in namespace.items()
-        if not k.startswith("_")
-        and k not in hidden
-        and not isinstance(v, (types.ModuleType, types.FunctionType, type))
+        if not k.startswith("_") and k not in hidden and isinstance(v, _YAML_TYPES)
     }
     for key, value in given.items():
         check(key, value, "notebook parameters")
