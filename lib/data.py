@@ -119,35 +119,68 @@ def preprocessing_spec(size: int) -> dict:
     }
 
 
-def _match_class_folders(root: Path, classes: list[str]) -> dict[str, Path]:
-    folders = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    found = {}
-    for cls in classes:
-        if cls.lower() not in folders:
-            raise DataError(f"class folder for {cls!r} not found in {root} (folders there: {sorted(folders)})")
-        found[cls] = folders[cls.lower()]
-    return found
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val", "test": "test"}
 
 
-def list_images(root: str | Path, classes: list[str]) -> pd.DataFrame:
-    """All image files of an image-folder tree <root>/<class>/..., as (path, class) rows.
+def class_lookup(classes: list[str], aliases=()) -> dict[str, str]:
+    """Lower-cased folder name -> canonical class, from the class list and "alias:class" entries."""
+    lookup = {c.lower(): c for c in classes}
+    for entry in aliases:
+        alias, sep, target = entry.partition(":")
+        if not sep or not alias.strip() or target.strip() not in classes:
+            raise DataError(f"class alias {entry!r} must read alias:class with class one of {classes}")
+        lookup[alias.strip().lower()] = target.strip()
+    return lookup
 
-    Class folders match `classes` case-insensitively; files in nested folders belong to
-    the class folder they sit in. Raises DataError naming a missing root, a missing class
-    folder or a class folder without image files.
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def detect_layout(root: Path) -> str:
+    """'presplit' when root holds train/ and test/ (or val/...) folders, else 'unsplit'."""
+    names = {SPLIT_NAMES.get(p.name.lower()) for p in _subfolders(root)}
+    return "presplit" if {"train", "test"} <= names or {"train", "val"} <= names else "unsplit"
+
+
+def list_images(root: str | Path, classes: list[str], *, aliases=(), unknown_folders: str = "fail"
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """All image files of an image-folder tree, as rows (path, class, folder, given_split).
+
+    Layouts: `<root>/<class>/...` or `<root>/{train,val|valid|validate|validation,test}/<class>/...`
+    (given_split holds the split then). Class folders match `classes` case-insensitively or
+    through `aliases` ("alias:class"); files in nested folders belong to the class folder
+    they sit in. Folders matching no class are returned as the second frame (path, files);
+    with unknown_folders="fail" they raise instead. Raises DataError naming a missing root,
+    a class without any image file, or a bad alias.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    rows = []
-    for cls, folder in _match_class_folders(root, classes).items():
-        files = sorted(
-            p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if not files:
-            raise DataError(f"class folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        rows += [{"path": str(p), "class": cls} for p in files]
-    return pd.DataFrame(rows, columns=["path", "class"])
+    lookup = class_lookup(classes, aliases)
+    if detect_layout(root) == "presplit":
+        parents = [(SPLIT_NAMES[p.name.lower()], p) for p in _subfolders(root) if p.name.lower() in SPLIT_NAMES]
+    else:
+        parents = [(None, root)]
+    rows, unmatched = [], []
+    for split, parent in parents:
+        for folder in _subfolders(parent):
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            cls = lookup.get(folder.name.lower())
+            if cls is None:
+                unmatched.append({"folder": str(folder), "image_files": len(files)})
+                continue
+            rows += [{"path": str(p), "class": cls, "folder": folder.name, "given_split": split} for p in files]
+    unmatched = pd.DataFrame(unmatched, columns=["folder", "image_files"])
+    if len(unmatched) and unknown_folders == "fail":
+        raise DataError("folders that match no class (add an alias in class_aliases, or set unknown_folders: "
+                        "ignore): " + ", ".join(unmatched["folder"]))
+    files = pd.DataFrame(rows, columns=["path", "class", "folder", "given_split"])
+    missing = [c for c in classes if c not in set(files["class"])]
+    if missing:
+        raise DataError(f"no image files for class(es) {missing} under {root} "
+                        f"(class folders there: {sorted({f.name for _, p in parents for f in _subfolders(p)})})")
+    return files, unmatched
 
 
 def inspect_file(path: str) -> dict:
@@ -171,12 +204,12 @@ def inspect_file(path: str) -> dict:
     return info
 
 
-def inventory(root: str | Path, classes: list[str], workers: int = 2) -> pd.DataFrame:
-    """list_images + inspect_file for each file, in parallel over files."""
-    files = list_images(root, classes)
+def inventory(root: str | Path, classes: list[str], workers: int = 2, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """list_images (kwargs go to it) + inspect_file for each file, in parallel over files."""
+    files, unmatched = list_images(root, classes, **kwargs)
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         infos = list(pool.map(inspect_file, files["path"], chunksize=32))
-    return pd.concat([files, pd.DataFrame(infos)], axis=1)
+    return pd.concat([files, pd.DataFrame(infos)], axis=1), unmatched
 
 
 def load_split(split_csv: str | Path) -> pd.DataFrame:

@@ -209,3 +209,27 @@ def overlap_table(matches: pd.DataFrame) -> pd.DataFrame:
 
 class LeakageError(RuntimeError):
     """Files in different splits are the same image; the message lists them."""
+
+
+_ORDER = {s: i for i, s in enumerate(SPLITS)}
+
+
+def drop_leaks(df: pd.DataFrame, matches: pd.DataFrame) -> pd.DataFrame:
+    """Rows to drop so no image repeats across splits: of each matched pair, the file in the
+    later split (train < val < test) goes, so training keeps its copy."""
+    later = [(b if _ORDER[sb] > _ORDER[sa] else a)
+             for a, sa, b, sb in matches[["file_a", "split_a", "file_b", "split_b"]].itertuples(index=False)]
+    return df[df["path"].isin(set(later))]
+
+
+def carve_validation(df: pd.DataFrame, val_ratio: float, seed: int) -> np.ndarray:
+    """Splits with a validation part carved out of `train` by duplicate group (for pre-split
+    data that comes without a validation folder)."""
+    split = df["split"].to_numpy(dtype=object).copy()
+    train = np.flatnonzero(split == "train")
+    groups = df["group"].to_numpy()[train]
+    n_folds = min(max(2, int(round(1 / val_ratio))), len(np.unique(groups)))
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    _, held = next(sgkf.split(train, df["class"].to_numpy()[train], groups))
+    split[train[held]] = "val"
+    return split

@@ -9,6 +9,7 @@ features trains, so the same model serves both recipes.
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 FEATURES = 1280
+DOWNLOAD_TIMEOUT_S = 30
 
 
 class WeightsError(RuntimeError):
@@ -78,6 +80,8 @@ def init_weights(model: nn.Module, weights: str, *, fallback: str = "none") -> d
         return {"source": "none", "detail": "random initialisation (no pretrained weights)", "sha256": None}
     if weights == "imagenet":
         spec = MobileNet_V2_Weights.IMAGENET1K_V2
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a firewalled network must not hang the run
         try:
             state = spec.get_state_dict(progress=False, check_hash=True)
         except Exception as e:  # noqa: BLE001 - offline machines fail in many ways
@@ -88,6 +92,8 @@ def init_weights(model: nn.Module, weights: str, *, fallback: str = "none") -> d
                     f"fell back to random initialisation (weights_fallback={fallback}). To train offline from "
                     f"ImageNet weights, copy {spec.url.rsplit('/', 1)[-1]} to this machine and set weights to its path.",
                     "sha256": None}
+        finally:
+            socket.setdefaulttimeout(previous)
         load_backbone(model, state, "torchvision IMAGENET1K_V2")
         return {"source": "imagenet", "detail": f"torchvision MobileNet_V2_Weights.IMAGENET1K_V2 ({spec.url})", "sha256": None}
     path = Path(weights).expanduser()

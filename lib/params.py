@@ -41,6 +41,9 @@ _NUM = (int, float)
 SCHEMA: dict[str, Param] = {
     # data
     "data_dir": Param(str, "image-folder root <data_dir>/<class>/*.png (relative to the repository root or absolute)"),
+    "class_aliases": Param(list, 'folder names that mean a class, as "alias:class" (matched case-insensitively)'),
+    "unknown_folders": Param(str, "a folder matching no class: fail the run, or ignore it (listed in the EDA report)",
+                             choices=("fail", "ignore")),
     "synthetic": Param(bool, "render the embedded synthetic SEM dataset into data_dir (false for your own data)"),
     "synthetic_per_class": Param(int, "synthetic images per class"),
     "synthetic_size": Param(int, "synthetic image side in pixels"),
@@ -51,6 +54,8 @@ SCHEMA: dict[str, Param] = {
     "eda_samples_per_class": Param(int, "images per class in the sample grid"),
     # 02_leakage_audit
     "phash_threshold": Param(int, "largest perceptual-hash Hamming distance (of 64 bits) that marks a near-duplicate"),
+    "on_leak": Param(str, "pre-split data whose splits share images: fail, drop the copies outside train, or report",
+                     choices=("fail", "drop", "report")),
     "val_ratio": Param(_NUM, "share of groups in the validation split"),
     "test_ratio": Param(_NUM, "share of groups in the test split"),
     # 03_training

@@ -78,7 +78,7 @@ def bad_files(folder):
 def test_bad_files_are_reported_with_a_reason_not_raised(image_tree):
     root, classes = image_tree(n=3)
     expected = bad_files(root / classes[0])
-    inv = data.inventory(root, classes, workers=1)
+    inv, _ = data.inventory(root, classes, workers=1)
     bad = inv[~inv["readable"]].set_index(inv.loc[~inv["readable"], "path"].map(lambda p: p.rsplit("/", 1)[-1]))
     assert set(bad.index) == set(expected)
     for name, reason in expected.items():
@@ -94,10 +94,10 @@ def test_missing_root_is_named(tmp_path):
 
 def test_missing_and_empty_class_folders_are_named(image_tree):
     root, classes = image_tree(n=2)
-    with pytest.raises(DataError, match="class folder for 'open' not found"):
+    with pytest.raises(DataError, match=r"no image files for class\(es\) \['open'\]"):
         data.list_images(root, classes + ["open"])
     (root / "open").mkdir()
-    with pytest.raises(DataError, match="open holds no image files"):
+    with pytest.raises(DataError, match=r"no image files for class\(es\) \['open'\]"):
         data.list_images(root, classes + ["open"])
 
 
@@ -106,8 +106,41 @@ def test_class_folders_match_case_insensitively_and_nested_files_count(image_tre
     (root / "bridge").rename(root / "Bridge")
     (root / "Bridge" / "sub").mkdir()
     Image.fromarray(sem_like(9, 32)).save(root / "Bridge" / "sub" / "nested.png")
-    files = data.list_images(root, classes)
-    assert (files["class"] == "bridge").sum() == 3
+    files, unmatched = data.list_images(root, classes)
+    assert (files["class"] == "bridge").sum() == 3 and unmatched.empty
+    assert files["given_split"].isna().all()
+
+
+def test_aliases_map_folders_and_bad_aliases_are_named(image_tree):
+    root, classes = image_tree(classes=("CMP", "Vias", "clean"), n=2)
+    files, _ = data.list_images(root, ["CMP(scratch)", "vias", "clean"], aliases=["cmp:CMP(scratch)"])
+    assert sorted(files["class"].unique()) == ["CMP(scratch)", "clean", "vias"]
+    assert set(files.loc[files["class"] == "vias", "folder"]) == {"Vias"}
+    with pytest.raises(DataError, match="alias 'cmp:scratches'"):
+        data.list_images(root, ["CMP(scratch)", "vias", "clean"], aliases=["cmp:scratches"])
+
+
+def test_unknown_folders_fail_or_are_listed(image_tree):
+    root, classes = image_tree(n=2)
+    (root / "misc").mkdir()
+    Image.fromarray(sem_like(5, 32)).save(root / "misc" / "a.png")
+    with pytest.raises(DataError, match="match no class.*misc"):
+        data.list_images(root, classes)
+    files, unmatched = data.list_images(root, classes, unknown_folders="ignore")
+    assert len(files) == 2 * len(classes)
+    assert unmatched["folder"].str.endswith("misc").all() and unmatched["image_files"].tolist() == [1]
+
+
+@pytest.mark.parametrize("val_name", ["val", "valid", "validate", "validation", "Val"])
+def test_presplit_layout_keeps_the_given_split(tmp_path, val_name):
+    for split, folder_case in (("train", "vias"), (val_name, "Vias"), ("test", "VIAS")):
+        for cls in (folder_case, "clean"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(sem_like(hash((split, cls)) % 1000, 32)).save(tmp_path / split / cls / "x.png")
+    assert data.detect_layout(tmp_path) == "presplit"
+    files, _ = data.list_images(tmp_path, ["vias", "clean"])
+    assert sorted(files["given_split"]) == ["test", "test", "train", "train", "val", "val"]
+    assert set(files["class"]) == {"vias", "clean"}
 
 
 def test_label_order_is_label_encoder_order():

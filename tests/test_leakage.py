@@ -153,3 +153,20 @@ def test_planted_duplicate_groups_stay_in_one_split_and_recheck_is_clean(tmp_pat
     assert set(m["detector"]) >= {"sha256", "pixels", "phash"}
     assert m["file_a"].str.endswith("a_0_copy_of.png").any() or m["file_b"].str.endswith("a_0_copy_of.png").any()
     assert leakage.overlap_table(m).to_numpy().sum() == len(m)
+
+
+def test_drop_leaks_keeps_the_training_copy():
+    df = pd.DataFrame({"path": ["a", "b", "c", "d"], "split": ["train", "test", "val", "test"]})
+    matches = pd.DataFrame({"detector": ["sha256", "phash"], "split_a": ["train", "val"], "file_a": ["a", "c"],
+                            "split_b": ["test", "test"], "file_b": ["b", "d"]})
+    assert leakage.drop_leaks(df, matches)["path"].tolist() == ["b", "d"]
+
+
+def test_carved_validation_takes_whole_groups_from_train_only():
+    labels = np.repeat(["a", "b"], 40)
+    df = pd.DataFrame({"class": labels, "group": np.arange(80) // 2,
+                       "split": np.where((np.arange(80) // 2) % 5 == 0, "test", "train")})
+    split = leakage.carve_validation(df, 0.2, seed=0)
+    assert set(split[df["split"] == "test"]) == {"test"}
+    assert (pd.Series(split).groupby(df["group"]).nunique() == 1).all()
+    assert 0.1 < (split == "val").mean() < 0.3

@@ -113,3 +113,48 @@ def test_missing_dataset_folder_is_named(tmp_path):
     out = make("all", f"PARAMS={own}", f"BUILD={tmp_path / 'b'}", f"REPORTS={tmp_path / 'r'}")
     assert out.returncode != 0
     assert f"dataset folder not found: {tmp_path / 'nowhere'}" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def presplit_with_leak(tmp_path_factory):
+    """train/valid/test folders (class folders spelled differently per split) with one train image
+    copied into test."""
+    from PIL import Image
+
+    from conftest import sem_like
+
+    root = tmp_path_factory.mktemp("presplit") / "data"
+    spellings = {"train": ("vias", "clean", "bridge"), "valid": ("Vias", "clean", "Bridge"),
+                 "test": ("VIAS", "Clean", "bridge")}
+    for s, (split, folders) in enumerate(spellings.items()):
+        for k, folder in enumerate(folders):
+            (root / split / folder).mkdir(parents=True)
+            for i in range(4 if split == "train" else 3):
+                Image.fromarray(sem_like(10000 * s + 100 * k + i, 96)).save(root / split / folder / f"img_{s}{k}{i}.png")
+    leaked = root / "test" / "VIAS" / "leaked_copy.png"
+    leaked.write_bytes((root / "train" / "vias" / "img_000.png").read_bytes())
+    return root, leaked
+
+
+@pytest.mark.parametrize("on_leak", ["fail", "drop", "report"])
+def test_presplit_audit_on_leak_choices(presplit_with_leak, tmp_path, on_leak):
+    root, leaked = presplit_with_leak
+    overlay = tmp_path / "p.yaml"
+    overlay.write_text(f"data_dir: {root}\nsynthetic: false\nclasses: [bridge, clean, vias]\non_leak: {on_leak}\n")
+    out = make("audit", f"PARAMS=params/smoke.yaml {overlay}", f"BUILD={tmp_path / 'b'}", f"REPORTS={tmp_path / 'r'}")
+    if on_leak == "fail":
+        assert out.returncode != 0
+        assert "leaked_copy.png" in out.stderr + out.stdout and "LeakageError" in out.stderr + out.stdout
+        return
+    assert out.returncode == 0, out.stderr[-3000:]
+    import pandas as pd
+
+    split = pd.read_csv(tmp_path / "b" / "split" / "split.csv")
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert set(split["class"]) == {"bridge", "clean", "vias"}
+    html = (tmp_path / "r" / "02_leakage_audit.html").read_text()
+    if on_leak == "drop":
+        assert str(leaked) not in set(split["path"])
+        assert "No file in one split matches a file in another split" in html
+    else:
+        assert str(leaked) in set(split["path"]) and "Leaks remain" in html
