@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -34,8 +35,18 @@ class DataError(ValueError):
 
 
 def _decode(path: str | Path) -> Image.Image:
-    """Open and fully decode an image (first frame), with EXIF orientation applied."""
+    """Open and fully decode an image (first frame), with EXIF orientation applied.
+
+    More than MAX_PIXELS pixels is refused (DecompressionBombError) before decoding.
+    """
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    with warnings.catch_warnings():
+        # Pillow only warns between 1x and 2x its limit; here the limit is the limit
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _open(path)
+
+
+def _open(path: str | Path) -> Image.Image:
     with Image.open(path) as im:
         im.seek(0)
         im.load()
@@ -193,14 +204,16 @@ def inspect_file(path: str) -> dict:
     try:
         im = _decode(path)
         gray = to_gray(im)
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         info["reason"] = f"too many pixels: {e}"
         return info
     except Exception as e:  # noqa: BLE001 - every decoder failure is reported, not raised
         info["reason"] = f"{type(e).__name__}: {e}".strip()
         return info
+    from lib.quality import measures
+
     info.update(width=im.width, height=im.height, mode=im.mode, bit_depth=_bit_depth(im),
-                mean=float(gray.mean()), std=float(gray.std()), readable=True)
+                mean=float(gray.mean()), std=float(gray.std()), readable=True, **measures(gray))
     return info
 
 

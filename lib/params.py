@@ -52,6 +52,14 @@ SCHEMA: dict[str, Param] = {
     "build_dir": Param(str, "folder for artifacts (checkpoints, manifests, metrics, ONNX); make sets it from BUILD"),
     # 01_eda
     "eda_samples_per_class": Param(int, "images per class in the sample grid"),
+    "quality_blur": Param(_NUM, "flag as blurry below this variance of the Laplacian (0-255 scale)"),
+    "quality_dark": Param(_NUM, "flag as dark below this mean intensity (0-1)"),
+    "quality_bright": Param(_NUM, "flag as bright above this mean intensity (0-1)"),
+    "quality_entropy": Param(_NUM, "flag as low information below this histogram entropy (bits)"),
+    "quality_std": Param(_NUM, "flag as near constant below this intensity std (0-1)"),
+    "quality_aspect": Param(_NUM, "flag an aspect ratio (long / short side) above this"),
+    "quality_min_side": Param(int, "flag images whose short side is below this (pixels)"),
+    "quality_max_side": Param(int, "flag images whose long side is above this (pixels)"),
     # 02_leakage_audit
     "phash_threshold": Param(int, "largest perceptual-hash Hamming distance (of 64 bits) that marks a near-duplicate"),
     "on_leak": Param(str, "pre-split data whose splits share images: fail, drop the copies outside train, or report",
