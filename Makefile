@@ -90,6 +90,7 @@ lab: $(ENV) ## JupyterLab on the notebooks (lib importable, no path hacks)
 
 bench: $(ENV) ## benchmark scripts (figures quoted in the README)
 	$(PY) tests/benchmarks/bench_synthetic.py
+	$(PY) tests/benchmarks/bench_leakage.py
 
 clean: ## remove artifacts and reports (keeps data/ and .venv)
 	rm -rf $(BUILD) $(REPORTS)/*.html

@@ -94,26 +94,34 @@ def fingerprints(paths, workers: int = 2) -> pd.DataFrame:
 
 
 def hamming_pairs(hashes: np.ndarray, threshold: int, other: np.ndarray | None = None,
-                  block: int = 2048) -> np.ndarray:
+                  block: int = 4096, workers: int = 2) -> np.ndarray:
     """Index pairs whose 64-bit hashes differ in at most `threshold` bits.
 
     With one array: all pairs (i, j), i < j, within it. With `other`: all pairs (i, j) with
-    i indexing `hashes` and j indexing `other`. Vectorised in blocks (XOR + popcount), so
-    memory stays at block × n.
+    i indexing `hashes` and j indexing `other`. Exhaustive, vectorised over block × block
+    tiles (XOR + popcount) and spread over `workers` threads (numpy releases the GIL), so
+    memory stays near block² bytes per thread.
     """
-    a_all = np.ascontiguousarray(hashes, dtype=np.uint64)
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ascontiguousarray(hashes, dtype=np.uint64)
     within = other is None
-    b_all = a_all if within else np.ascontiguousarray(other, dtype=np.uint64)
-    out = [np.zeros((0, 2), np.int64)]
-    for start in range(0, len(a_all), block):
-        a = a_all[start : start + block]
-        offset = start if within else 0  # within one array only j > i is needed
-        dist = np.bitwise_count(a[:, None] ^ b_all[None, offset:])
-        i, j = np.nonzero(dist <= threshold)
-        i, j = i + start, j + offset
-        keep = j > i if within else slice(None)
-        out.append(np.stack([i[keep], j[keep]], axis=1).astype(np.int64))
-    return np.concatenate(out)
+    b = a if within else np.ascontiguousarray(other, dtype=np.uint64)
+
+    def tile(ij: tuple[int, int]) -> np.ndarray:
+        i, j = ij
+        dist = np.bitwise_count(a[i : i + block, None] ^ b[None, j : j + block])
+        ii, jj = np.nonzero(dist <= threshold)
+        ii, jj = ii + i, jj + j
+        if within:  # tiles on the diagonal hold both (i, j) and (j, i)
+            keep = jj > ii
+            ii, jj = ii[keep], jj[keep]
+        return np.stack([ii, jj], axis=1).astype(np.int64)
+
+    tiles = [(i, j) for i in range(0, len(a), block) for j in range(i if within else 0, len(b), block)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        parts = list(pool.map(tile, tiles))
+    return np.concatenate([np.zeros((0, 2), np.int64), *parts])
 
 
 def equal_pairs(keys) -> np.ndarray:
