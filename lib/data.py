@@ -275,15 +275,20 @@ def prepare(params: dict) -> dict:
         from lib import synthetic
 
         settings = {"seed": params["seed"], "n_per_class": params["synthetic_per_class"],
-                    "size": params["synthetic_size"], "classes": list(params["classes"])}
+                    "size": params["synthetic_size"], "classes": list(params["classes"]),
+                    "plant_copies": params["synthetic_plant_copies"]}
         stamp = root / "settings.json"
         current = json.loads(stamp.read_text()) if stamp.is_file() else None
         if current is None or current.get("settings") != settings:
             t = time.perf_counter()
-            synthetic.render_dataset(root, n_per_class=settings["n_per_class"], seed=settings["seed"],
-                                     size=settings["size"], classes=tuple(settings["classes"]), workers=2,
-                                     progress=True)
+            manifest = synthetic.render_dataset(root, n_per_class=settings["n_per_class"], seed=settings["seed"],
+                                                size=settings["size"], classes=tuple(settings["classes"]),
+                                                workers=2, progress=True)
             seconds = time.perf_counter() - t
+            if settings["plant_copies"]:
+                from lib.plant import plant_copies
+
+                plant_copies(root, manifest, settings["plant_copies"], settings["seed"])
             from lib.io import write_text_atomic
 
             write_text_atomic(stamp, json.dumps({"settings": settings, "render_seconds": seconds}, indent=2) + "\n")

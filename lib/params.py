@@ -47,6 +47,8 @@ SCHEMA: dict[str, Param] = {
     "synthetic": Param(bool, "render the embedded synthetic SEM dataset into data_dir (false for your own data)"),
     "synthetic_per_class": Param(int, "synthetic images per class"),
     "synthetic_size": Param(int, "synthetic image side in pixels"),
+    "synthetic_plant_copies": Param(int, "known copies planted per kind (exact, re-encoded, resized, brightness, "
+                                         "crop, _augN) to score the leakage audit; 0 = none"),
     "classes": Param(list, "class names, in label order"),
     "seed": Param(int, "global seed: dataset, split, initialisation, augmentation"),
     "build_dir": Param(str, "folder for artifacts (checkpoints, manifests, metrics, ONNX); make sets it from BUILD"),
@@ -196,7 +198,8 @@ def save(params: dict[str, Any], folder: str | Path, name: str = "params.json") 
 
 
 # Keys the data-preparation step reads (lib.data prepare).
-DATA_KEYS = ("data_dir", "synthetic", "synthetic_per_class", "synthetic_size", "classes", "seed")
+DATA_KEYS = ("data_dir", "synthetic", "synthetic_per_class", "synthetic_size", "synthetic_plant_copies", "classes",
+             "seed")
 
 
 def stage_subsets(resolved: dict[str, Any]) -> dict[str, dict[str, Any]]:
