@@ -3,8 +3,9 @@
 An image becomes a network input in two steps, used identically by training, evaluation,
 export and inference:
 
-1. `load_gray(path, size)`: decode (first frame, EXIF orientation applied), convert to
-   one grayscale channel on a 0-1 scale by the file's bit depth, resize to size × size.
+1. `load_gray(path, size, resize=, background=)`: decode (first frame, EXIF orientation
+   applied), convert to one grayscale channel on a 0-1 scale by the file's bit depth, bring
+   to size × size by the resize policy (stretch, letterbox or centre crop).
 2. `normalize(gray)`: replicate to 3 channels and apply the ImageNet mean/std, giving the
    float32 [N, 3, H, W] tensor the model (and its ONNX export) takes.
 
@@ -59,8 +60,11 @@ def _bit_depth(im: Image.Image) -> int:
     return {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(im.mode, 8)
 
 
-def to_gray(im: Image.Image) -> np.ndarray:
-    """Grayscale float32 array on 0-1 from any PIL mode (alpha composited onto black)."""
+RESIZE_POLICIES = ("stretch", "letterbox", "crop")
+
+
+def to_gray(im: Image.Image, background: float = 0.0) -> np.ndarray:
+    """Grayscale float32 array on 0-1 from any PIL mode (alpha composited onto `background`, 0-1)."""
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L"):
         return np.asarray(im, dtype=np.float32) / 65535.0
@@ -72,18 +76,46 @@ def to_gray(im: Image.Image) -> np.ndarray:
         im = im.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA"):
-        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        level = int(round(255 * background))
+        bg = Image.new("RGBA", im.size, (level, level, level, 255))
         im = Image.alpha_composite(bg, im.convert("RGBA"))
     if im.mode != "L":
         im = im.convert("RGB").convert("L")  # ITU-R 601-2 luma
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def load_gray(path: str | Path, size: int) -> np.ndarray:
+def _resize(gray: np.ndarray, w: int, h: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(gray, mode="F").resize((w, h), Image.Resampling.BILINEAR))
+
+
+def fit_square(gray: np.ndarray, size: int, resize: str = "stretch") -> np.ndarray:
+    """Bring a grayscale array to size x size by one of RESIZE_POLICIES.
+
+    stretch: ignore the aspect ratio; letterbox: fit the long side, pad the rest with the
+    image's mean; crop: fit the short side, cut the centre.
+    """
+    h, w = gray.shape
+    if resize == "stretch" or (h == w):
+        return gray if gray.shape == (size, size) else _resize(gray, size, size)
+    if resize == "letterbox":
+        f = size / max(h, w)
+        nw, nh = max(1, round(w * f)), max(1, round(h * f))
+        out = np.full((size, size), gray.mean(), np.float32)
+        y, x = (size - nh) // 2, (size - nw) // 2
+        out[y : y + nh, x : x + nw] = _resize(gray, nw, nh)
+        return out
+    if resize == "crop":
+        f = size / min(h, w)
+        nw, nh = max(size, round(w * f)), max(size, round(h * f))
+        big = _resize(gray, nw, nh)
+        y, x = (nh - size) // 2, (nw - size) // 2
+        return big[y : y + size, x : x + size]
+    raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
+
+
+def load_gray(path: str | Path, size: int, *, resize: str = "stretch", background: float = 0.0) -> np.ndarray:
     """Decode `path` to a (size, size) float32 grayscale array on 0-1 (bilinear, antialiased)."""
-    gray = to_gray(_decode(path))
-    if gray.shape != (size, size):
-        gray = np.asarray(Image.fromarray(gray, mode="F").resize((size, size), Image.Resampling.BILINEAR))
+    gray = fit_square(to_gray(_decode(path), background), size, resize)
     return np.clip(gray, 0.0, 1.0).astype(np.float32, copy=False)
 
 
@@ -101,13 +133,13 @@ def normalize(gray):
     return (gray - torch.from_numpy(mean).to(gray.device)) / torch.from_numpy(std).to(gray.device)
 
 
-def load_input(paths, size: int) -> np.ndarray:
+def load_input(paths, size: int, *, resize: str = "stretch", background: float = 0.0) -> np.ndarray:
     """Files -> the model's input batch, float32 [N, 3, size, size]."""
-    gray = np.stack([load_gray(p, size) for p in paths])[:, None]
+    gray = np.stack([load_gray(p, size, resize=resize, background=background) for p in paths])[:, None]
     return normalize(gray)
 
 
-def preprocessing_spec(size: int) -> dict:
+def preprocessing_spec(size: int, *, resize: str = "stretch", background: float = 0.0) -> dict:
     """How to turn an image file into the model input, stated for other runtimes."""
     return {
         "input_name": "input",
@@ -117,12 +149,19 @@ def preprocessing_spec(size: int) -> dict:
         "steps": [
             "decode the file's first frame; apply its EXIF orientation",
             "convert to one grayscale channel: 16-bit images divided by 65535, 8-bit by 255; "
-            "RGB by ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B); alpha composited onto black",
-            f"resize to {size}x{size} pixels with bilinear interpolation (antialiased when shrinking), "
-            "ignoring the aspect ratio",
+            "RGB by ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B); alpha composited onto a gray "
+            f"background of {background} (0-1 scale)",
+            {"stretch": f"resize to {size}x{size} pixels with bilinear interpolation (antialiased when "
+                        "shrinking), ignoring the aspect ratio",
+             "letterbox": f"resize so the long side is {size} pixels (bilinear), then pad to {size}x{size}, "
+                          "centred, with the image's mean intensity",
+             "crop": f"resize so the short side is {size} pixels (bilinear), then cut the central "
+                     f"{size}x{size}"}[resize],
             "replicate the grayscale channel to 3 channels",
             "per channel c: (x - mean[c]) / std[c]",
         ],
+        "resize": resize,
+        "alpha_background": background,
         "mean": list(MEAN),
         "std": list(STD),
         "value_range_before_normalization": [0.0, 1.0],
@@ -233,10 +272,13 @@ def load_split(split_csv: str | Path) -> pd.DataFrame:
     return pd.read_csv(split_csv)
 
 
-def cache_gray(paths, size: int, workers: int = 2) -> np.ndarray:
+def cache_gray(paths, size: int, *, resize: str = "stretch", background: float = 0.0, workers: int = 2) -> np.ndarray:
     """Decode and resize many files once: float32 [N, 1, size, size] on 0-1."""
+    from functools import partial
+
+    load = partial(load_gray, size=size, resize=resize, background=background)
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        arrays = list(pool.map(load_gray, list(paths), [size] * len(paths), chunksize=16))
+        arrays = list(pool.map(load, list(paths), chunksize=16))
     return np.stack(arrays)[:, None] if arrays else np.zeros((0, 1, size, size), np.float32)
 
 

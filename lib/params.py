@@ -70,6 +70,9 @@ SCHEMA: dict[str, Param] = {
     "test_ratio": Param(_NUM, "share of groups in the test split"),
     # 03_training
     "image_size": Param(int, "network input side in pixels (images are resized to it)"),
+    "resize": Param(str, "how images reach image_size: stretch (ignore aspect), letterbox (pad) or crop (centre)",
+                    choices=("stretch", "letterbox", "crop")),
+    "alpha_background": Param(_NUM, "gray level (0-1) that transparent pixels are composited onto"),
     "weights": Param(str, "initial weights: imagenet, none, or a path to a local state dict"),
     "weights_fallback": Param(str, "used when weights=imagenet cannot be obtained", choices=("none", "fail")),
     "dropout": Param(_NUM, "dropout before the linear classifier"),

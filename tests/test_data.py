@@ -150,3 +150,28 @@ def test_label_order_is_label_encoder_order():
     assert data.label_order(classes) == list(LabelEncoder().fit(classes).classes_)
     with pytest.raises(DataError, match="duplicate"):
         data.label_order(["a", "a"])
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox", "crop"])
+def test_resize_policies_on_a_wide_image(resize):
+    gray = np.zeros((50, 100), np.float32)
+    gray[:, :50] = 1.0  # left half bright
+    out = data.fit_square(gray, 40, resize)
+    assert out.shape == (40, 40)
+    if resize == "stretch":
+        assert out[:, :18].min() > 0.9 and out[:, 22:].max() < 0.1
+    elif resize == "letterbox":
+        assert np.allclose(out[:5], gray.mean()) and np.allclose(out[-5:], gray.mean())  # padding rows
+        assert out[20, :18].min() > 0.9
+    else:  # the centre 50x50 of the 50x100 image: half bright, half dark
+        assert out[:, :18].min() > 0.9 and out[:, 22:].max() < 0.1
+
+
+def test_alpha_background_and_policy_reach_the_input(tmp_path):
+    Image.new("RGBA", (30, 10), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    g = data.load_gray(tmp_path / "clear.png", 10, resize="letterbox", background=0.5)
+    assert np.allclose(g, 128 / 255, atol=1e-3)
+    spec = data.preprocessing_spec(10, resize="letterbox", background=0.5)
+    assert spec["resize"] == "letterbox" and spec["alpha_background"] == 0.5
+    with pytest.raises(ValueError, match="resize"):
+        data.fit_square(np.zeros((4, 8), np.float32), 4, "squash")
