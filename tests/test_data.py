@@ -175,3 +175,13 @@ def test_alpha_background_and_policy_reach_the_input(tmp_path):
     assert spec["resize"] == "letterbox" and spec["alpha_background"] == 0.5
     with pytest.raises(ValueError, match="resize"):
         data.fit_square(np.zeros((4, 8), np.float32), 4, "squash")
+
+
+def test_gif_first_frame_and_bmp(tmp_path):
+    a, b = sem_like(1, 48), sem_like(2, 48)
+    frames = [Image.fromarray(a).convert("P"), Image.fromarray(b).convert("P")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    first = data.load_gray(tmp_path / "anim.gif", 48)
+    assert np.abs(first - a / 255.0).mean() < np.abs(first - b / 255.0).mean()
+    Image.fromarray(a).save(tmp_path / "x.bmp")
+    assert np.allclose(data.load_gray(tmp_path / "x.bmp", 48), a / 255.0, atol=1e-6)
