@@ -133,6 +133,12 @@ def presplit_with_leak(tmp_path_factory):
                 Image.fromarray(sem_like(10000 * s + 100 * k + i, 96)).save(root / split / folder / f"img_{s}{k}{i}.png")
     leaked = root / "test" / "VIAS" / "leaked_copy.png"
     leaked.write_bytes((root / "train" / "vias" / "img_000.png").read_bytes())
+    # every kind of bad file: the stages must list them and carry on
+    bad = root / "train" / "clean"
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "notes.png").write_text("not an image")
+    good = (bad / "img_010.png").read_bytes()
+    (bad / "truncated.png").write_bytes(good[: len(good) // 2])
     return root, leaked
 
 
@@ -153,6 +159,10 @@ def test_presplit_audit_on_leak_choices(presplit_with_leak, tmp_path, on_leak):
     assert set(split["split"]) == {"train", "val", "test"}
     assert set(split["class"]) == {"bridge", "clean", "vias"}
     html = (tmp_path / "r" / "02_leakage_audit.html").read_text()
+    eda = (tmp_path / "r" / "01_eda.html").read_text()
+    for name in ("empty.png", "notes.png", "truncated.png"):
+        assert name in eda and not split["path"].str.endswith(name).any()
+    assert "empty file (0 bytes)" in eda and "cannot identify image file" in eda
     if on_leak == "drop":
         assert str(leaked) not in set(split["path"])
         assert "No file in one split matches a file in another split" in html
