@@ -59,9 +59,11 @@ def run_onnx(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
 
 @torch.inference_mode()
-def run_torch(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    model = model.eval().cpu()
-    outs = [model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+def run_torch(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64, device="cpu") -> np.ndarray:
+    """Logits of a PyTorch model for input x [N, 3, H, W], in batches, on `device`."""
+    model = model.eval().to(device)
+    outs = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy()
+            for i in range(0, len(x), batch_size)]
     return np.concatenate(outs)
 
 

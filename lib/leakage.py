@@ -124,6 +124,17 @@ def hamming_pairs(hashes: np.ndarray, threshold: int, other: np.ndarray | None =
     return np.concatenate([np.zeros((0, 2), np.int64), *parts])
 
 
+def nearest_hamming(hashes: np.ndarray, block: int = 1024) -> np.ndarray:
+    """For each 64-bit hash, the Hamming distance to the nearest other one (64 when alone)."""
+    h = np.ascontiguousarray(hashes, dtype=np.uint64)
+    nearest = np.full(len(h), 64)
+    for start in range(0, len(h), block):
+        d = np.bitwise_count(h[start : start + block, None] ^ h[None, :]).astype(int)
+        d[np.arange(len(d)), start + np.arange(len(d))] = 64  # not itself
+        nearest[start : start + block] = d.min(1)
+    return nearest
+
+
 def equal_pairs(keys) -> np.ndarray:
     """Index pairs that share a key (each member linked to the first of its key)."""
     keys = pd.Series(list(keys))

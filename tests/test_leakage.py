@@ -170,3 +170,11 @@ def test_carved_validation_takes_whole_groups_from_train_only():
     assert set(split[df["split"] == "test"]) == {"test"}
     assert (pd.Series(split).groupby(df["group"]).nunique() == 1).all()
     assert 0.1 < (split == "val").mean() < 0.3
+
+
+def test_nearest_hamming_matches_brute_force():
+    rng = np.random.default_rng(1)
+    h = rng.integers(0, 2**63, 50, dtype=np.int64).astype(np.uint64)
+    want = [min(bin(int(h[i]) ^ int(h[j])).count("1") for j in range(50) if j != i) for i in range(50)]
+    assert leakage.nearest_hamming(h, block=7).tolist() == want
+    assert leakage.nearest_hamming(h[:1]).tolist() == [64]
