@@ -181,16 +181,23 @@ def split_groups(labels, groups, *, val_ratio: float, test_ratio: float, seed: i
             + f" (each class needs at least {len(SPLITS)}, one per split)"
         )
     split = np.full(len(labels), "train", dtype=object)
-    # test first, then validation from what is left; fold counts approximate the ratios
+    # test first, then validation from what is left
     rest = np.arange(len(labels))
     for name, share in (("test", test_ratio), ("val", val_ratio / (1 - test_ratio))):
-        n_folds = max(2, int(round(1 / share)))
-        n_folds = min(n_folds, int(pd.Series(groups[rest]).nunique()))
-        sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        _, held = next(sgkf.split(rest, labels[rest], groups[rest]))
-        split[rest[held]] = name
-        rest = np.setdiff1d(rest, rest[held])
+        held = rest[_hold_out(labels[rest], groups[rest], share, seed)]
+        split[held] = name
+        rest = np.setdiff1d(rest, held)
     return split
+
+
+def _hold_out(labels: np.ndarray, groups: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Positions of one stratified group fold holding about `share` of the items.
+
+    The fold count approximates the share (1/share folds, at least 2, at most one per group).
+    """
+    n_folds = min(max(2, int(round(1 / share))), len(np.unique(groups)))
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return next(sgkf.split(labels, labels, groups))[1]
 
 
 def cross_split_matches(df: pd.DataFrame, phash_threshold: int) -> pd.DataFrame:
@@ -246,9 +253,5 @@ def carve_validation(df: pd.DataFrame, val_ratio: float, seed: int) -> np.ndarra
     data that comes without a validation folder)."""
     split = df["split"].to_numpy(dtype=object).copy()
     train = np.flatnonzero(split == "train")
-    groups = df["group"].to_numpy()[train]
-    n_folds = min(max(2, int(round(1 / val_ratio))), len(np.unique(groups)))
-    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    _, held = next(sgkf.split(train, df["class"].to_numpy()[train], groups))
-    split[train[held]] = "val"
+    split[train[_hold_out(df["class"].to_numpy()[train], df["group"].to_numpy()[train], val_ratio, seed)]] = "val"
     return split
