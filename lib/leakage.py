@@ -5,8 +5,13 @@ Detectors
 - `pixels`: identical decoded pixels (the same image re-encoded, e.g. PNG -> BMP);
 - `name`: the same normalised file stem within one class (`x.png`, `x_aug3.png`, `x (1).png`,
   `x copy.png` are one family);
-- `phash`: perceptual hash within a Hamming threshold (resized, re-compressed or slightly
-  altered copies).
+- `phash`: perceptual hash (DCT) within a Hamming threshold (resized, re-compressed or
+  slightly altered copies);
+- `dhash`: difference hash within its own threshold, confirmed by a pHash distance of at most
+  twice the pHash threshold. dHash alone is blind on SEM images: distinct line/space
+  patterns of the same pitch share one gradient sign pattern, so many distinct pairs sit at
+  distance 0. As a second opinion it catches copies whose pHash drifted just past the
+  threshold (heavier crops or edits) without adding false pairs.
 
 Every pair any detector finds joins one duplicate group (connected components), and a group
 never crosses a split.
@@ -28,7 +33,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from lib.data import DataError, _decode, to_gray
 
-DETECTORS = ("sha256", "pixels", "name", "phash")
+DETECTORS = ("sha256", "pixels", "name", "phash", "dhash")
 SPLITS = ("train", "val", "test")
 
 # Suffixes that copy tools and offline augmentation add to a file stem.
@@ -68,19 +73,23 @@ def name_keys(paths, classes) -> list[str]:
 
 
 def fingerprint(path: str) -> dict:
-    """File-byte SHA-256, decoded-pixel SHA-256 and 64-bit pHash of one file."""
+    """File-byte SHA-256, decoded-pixel SHA-256, 64-bit pHash and 64-bit dHash of one file."""
     with open(path, "rb") as f:
         raw = f.read()
     gray = to_gray(_decode(path))
     q = np.round(gray * 65535).astype("<u2")
     pix = hashlib.sha256(np.asarray(q.shape, "<u4").tobytes() + q.tobytes()).hexdigest()
     im8 = Image.fromarray(np.round(gray * 255).astype(np.uint8), mode="L")
-    ph = imagehash.phash(im8, hash_size=8)
     return {
         "sha256": hashlib.sha256(raw).hexdigest(),
         "pixels": pix,
-        "phash": int(np.packbits(ph.hash.flatten()).view(">u8")[0]),
+        "phash": _as_int(imagehash.phash(im8, hash_size=8)),
+        "dhash": _as_int(imagehash.dhash(im8, hash_size=8)),
     }
+
+
+def _as_int(h: imagehash.ImageHash) -> int:
+    return int(np.packbits(h.hash.flatten()).view(">u8")[0])
 
 
 def fingerprints(paths, workers: int = 2) -> pd.DataFrame:
@@ -88,19 +97,23 @@ def fingerprints(paths, workers: int = 2) -> pd.DataFrame:
     paths = list(paths)
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         rows = list(pool.map(fingerprint, paths, chunksize=32))
-    df = pd.DataFrame(rows, columns=["sha256", "pixels", "phash"])
-    df["phash"] = df["phash"].astype(np.uint64)
+    df = pd.DataFrame(rows, columns=["sha256", "pixels", "phash", "dhash"])
+    for col in ("phash", "dhash"):
+        df[col] = df[col].astype(np.uint64)
     return df
 
 
 def hamming_pairs(hashes: np.ndarray, threshold: int, other: np.ndarray | None = None,
-                  block: int = 4096, workers: int = 2) -> np.ndarray:
+                  block: int = 4096, workers: int = 2, confirm: tuple | None = None) -> np.ndarray:
     """Index pairs whose 64-bit hashes differ in at most `threshold` bits.
 
     With one array: all pairs (i, j), i < j, within it. With `other`: all pairs (i, j) with
     i indexing `hashes` and j indexing `other`. Exhaustive, vectorised over block × block
     tiles (XOR + popcount) and spread over `workers` threads (numpy releases the GIL), so
     memory stays near block² bytes per thread.
+
+    `confirm=(hashes2, threshold2, other2)` keeps only pairs whose second hashes (aligned with
+    `hashes` and `other`; other2 None when searching within one array) are within threshold2 too.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -108,10 +121,16 @@ def hamming_pairs(hashes: np.ndarray, threshold: int, other: np.ndarray | None =
     within = other is None
     b = a if within else np.ascontiguousarray(other, dtype=np.uint64)
 
+    if confirm is not None:
+        a2 = np.ascontiguousarray(confirm[0], dtype=np.uint64)
+        b2 = a2 if within else np.ascontiguousarray(confirm[2], dtype=np.uint64)
+
     def tile(ij: tuple[int, int]) -> np.ndarray:
         i, j = ij
-        dist = np.bitwise_count(a[i : i + block, None] ^ b[None, j : j + block])
-        ii, jj = np.nonzero(dist <= threshold)
+        close = np.bitwise_count(a[i : i + block, None] ^ b[None, j : j + block]) <= threshold
+        if confirm is not None:
+            close &= np.bitwise_count(a2[i : i + block, None] ^ b2[None, j : j + block]) <= confirm[1]
+        ii, jj = np.nonzero(close)
         ii, jj = ii + i, jj + j
         if within:  # tiles on the diagonal hold both (i, j) and (j, i)
             keep = jj > ii
@@ -144,13 +163,22 @@ def equal_pairs(keys) -> np.ndarray:
     return np.stack([first[mask], idx[mask]], axis=1)
 
 
-def find_pairs(df: pd.DataFrame, phash_threshold: int) -> dict[str, np.ndarray]:
-    """Linked index pairs per detector; df needs sha256, pixels, name_key and phash columns."""
+def dhash_pairs(a: pd.DataFrame, dhash_threshold: int, phash_threshold: int, b: pd.DataFrame | None = None):
+    """dHash pairs confirmed by pHash within twice its threshold (see the module notes)."""
+    return hamming_pairs(a["dhash"].to_numpy(np.uint64), dhash_threshold,
+                         None if b is None else b["dhash"].to_numpy(np.uint64),
+                         confirm=(a["phash"].to_numpy(np.uint64), 2 * phash_threshold,
+                                  None if b is None else b["phash"].to_numpy(np.uint64)))
+
+
+def find_pairs(df: pd.DataFrame, phash_threshold: int, dhash_threshold: int) -> dict[str, np.ndarray]:
+    """Linked index pairs per detector; df needs sha256, pixels, name_key, phash and dhash columns."""
     return {
         "sha256": equal_pairs(df["sha256"]),
         "pixels": equal_pairs(df["pixels"]),
         "name": equal_pairs(df["name_key"]),
         "phash": hamming_pairs(df["phash"].to_numpy(np.uint64), phash_threshold),
+        "dhash": dhash_pairs(df, dhash_threshold, phash_threshold),
     }
 
 
@@ -200,7 +228,7 @@ def _hold_out(labels: np.ndarray, groups: np.ndarray, share: float, seed: int) -
     return next(sgkf.split(labels, labels, groups))[1]
 
 
-def cross_split_matches(df: pd.DataFrame, phash_threshold: int) -> pd.DataFrame:
+def cross_split_matches(df: pd.DataFrame, phash_threshold: int, dhash_threshold: int) -> pd.DataFrame:
     """Files in different splits that a detector calls the same image, checked afresh per split pair.
 
     Independent of how the groups were built: exact keys are intersected between splits and
@@ -216,10 +244,12 @@ def cross_split_matches(df: pd.DataFrame, phash_threshold: int) -> pd.DataFrame:
                     for fb in b.loc[b[col] == key, "path"]:
                         rows.append({"detector": det, "split_a": a_name, "file_a": fa,
                                      "split_b": b_name, "file_b": fb})
-        hp = hamming_pairs(a["phash"].to_numpy(np.uint64), phash_threshold, b["phash"].to_numpy(np.uint64))
-        for i, j in hp:
-            rows.append({"detector": "phash", "split_a": a_name, "file_a": a["path"].iat[i],
-                         "split_b": b_name, "file_b": b["path"].iat[j]})
+        near = {"phash": hamming_pairs(a["phash"].to_numpy(np.uint64), phash_threshold, b["phash"].to_numpy(np.uint64)),
+                "dhash": dhash_pairs(a, dhash_threshold, phash_threshold, b)}
+        for det, hp in near.items():
+            for i, j in hp:
+                rows.append({"detector": det, "split_a": a_name, "file_a": a["path"].iat[i],
+                             "split_b": b_name, "file_b": b["path"].iat[j]})
     return pd.DataFrame(rows, columns=["detector", "split_a", "file_a", "split_b", "file_b"])
 
 

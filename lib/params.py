@@ -64,6 +64,8 @@ SCHEMA: dict[str, Param] = {
     "quality_max_side": Param(int, "flag images whose long side is above this (pixels)"),
     # 02_leakage_audit
     "phash_threshold": Param(int, "largest perceptual-hash Hamming distance (of 64 bits) that marks a near-duplicate"),
+    "dhash_threshold": Param(int, "largest difference-hash Hamming distance (of 64 bits) for a near-duplicate; a dHash "
+                                  "pair also needs a pHash distance of at most twice phash_threshold"),
     "on_leak": Param(str, "pre-split data whose splits share images: fail, drop the copies outside train, or report",
                      choices=("fail", "drop", "report")),
     "val_ratio": Param(_NUM, "share of groups in the validation split"),

@@ -15,7 +15,7 @@ def audit(paths, classes, threshold=6):
     df = pd.DataFrame({"path": [str(p) for p in paths], "class": classes})
     df = pd.concat([df, leakage.fingerprints(df["path"], workers=1)], axis=1)
     df["name_key"] = leakage.name_keys(df["path"], df["class"])
-    return df, leakage.find_pairs(df, threshold)
+    return df, leakage.find_pairs(df, threshold, threshold)
 
 
 def linked(pairs, i, j):
@@ -145,11 +145,11 @@ def test_planted_duplicate_groups_stay_in_one_split_and_recheck_is_clean(tmp_pat
     assert df["group"].nunique() == 30
     df["split"] = leakage.split_groups(df["class"], df["group"], val_ratio=0.2, test_ratio=0.2, seed=1)
     assert (df.groupby("group")["split"].nunique() == 1).all()
-    assert leakage.cross_split_matches(df, 6).empty
+    assert leakage.cross_split_matches(df, 6, 6).empty
     # moving one copy to another split is caught, naming both files
     i = df.index[df["path"].str.endswith("a_0_copy_of.png")][0]
     df.loc[i, "split"] = "test" if df.loc[i, "split"] != "test" else "train"
-    m = leakage.cross_split_matches(df, 6)
+    m = leakage.cross_split_matches(df, 6, 6)
     assert set(m["detector"]) >= {"sha256", "pixels", "phash"}
     assert m["file_a"].str.endswith("a_0_copy_of.png").any() or m["file_b"].str.endswith("a_0_copy_of.png").any()
     assert leakage.overlap_table(m).to_numpy().sum() == len(m)
@@ -178,3 +178,14 @@ def test_nearest_hamming_matches_brute_force():
     want = [min(bin(int(h[i]) ^ int(h[j])).count("1") for j in range(50) if j != i) for i in range(50)]
     assert leakage.nearest_hamming(h, block=7).tolist() == want
     assert leakage.nearest_hamming(h[:1]).tolist() == [64]
+
+
+def test_dhash_pairs_need_phash_confirmation():
+    # three images with one dHash: the second's pHash is 9 bits away (past phash_threshold 6,
+    # within twice it), the third's is 60 bits away (a distinct pattern of the same pitch)
+    df = pd.DataFrame({"phash": np.array([0, 0x1FF, 0xFFFFFFFFFFFFFFF0], np.uint64),
+                       "dhash": np.zeros(3, np.uint64)})
+    assert leakage.hamming_pairs(df["phash"].to_numpy(np.uint64), 6).tolist() == []
+    assert leakage.dhash_pairs(df, 6, 6).tolist() == [[0, 1]]
+    across = leakage.dhash_pairs(df.iloc[:1], 6, 6, df.iloc[1:])
+    assert across.tolist() == [[0, 0]]

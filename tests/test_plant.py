@@ -13,10 +13,11 @@ def audited(tmp_path_factory):
     planted = plant.plant_copies(root, manifest, n_per_kind=4, seed=0)
     files = pd.concat([manifest["path"], planted["copy"]]).map(lambda p: str(root / p)).tolist()
     classes = pd.concat([manifest["class"], planted["original"].map(dict(zip(manifest["path"], manifest["class"])))])
+    base = params.read_file(params.BASE)
     df = pd.DataFrame({"path": files, "class": classes.tolist()})
     df = pd.concat([df, leakage.fingerprints(df["path"], workers=2)], axis=1)
     df["name_key"] = leakage.name_keys(df["path"], df["class"])
-    pairs = leakage.find_pairs(df, params.read_file(params.BASE)["phash_threshold"])
+    pairs = leakage.find_pairs(df, base["phash_threshold"], base["dhash_threshold"])
     df["group"] = leakage.group_ids(len(df), pairs)
     return root, planted, df, pairs
 
