@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models import MobileNetV2
 
 ARCHS = ("mobilenet_v2", "efficientnet_lite0")
 WIDTHS = (1.0, 0.75, 0.5, 0.35)
@@ -63,8 +64,11 @@ class EfficientNetLite0(nn.Module):
         return self.classifier(self.pool(x))
 
 
-def _mobilenet_pool(self, x: torch.Tensor) -> torch.Tensor:
-    return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+class MobileNetV2Classifier(MobileNetV2):
+    """torchvision's MobileNetV2 (same state-dict keys) with `pool`: image -> pooled features."""
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
 
 
 def build_model(n_classes: int, *, arch: str = "mobilenet_v2", width: float = 1.0, dropout: float = 0.2,
@@ -79,13 +83,10 @@ def build_model(n_classes: int, *, arch: str = "mobilenet_v2", width: float = 1.
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
     if arch == "mobilenet_v2":
-        from torchvision.models import mobilenet_v2
-
         if width not in WIDTHS:
             raise ValueError(f"MobileNetV2 width {width} not supported; choose one of {list(WIDTHS)}")
-        model = mobilenet_v2(weights=None, width_mult=width)
+        model = MobileNetV2Classifier(width_mult=width)
         model.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(FEATURES, n_classes))
-        model.pool = _mobilenet_pool.__get__(model)
     else:
         if width != 1.0:
             raise ValueError(f"efficientnet_lite0 has width 1.0 only, got width {width}")

@@ -83,6 +83,14 @@ SCHEMA: dict[str, Param] = {
     "weights_sha256": Param(str, "expected sha256 (or a prefix of it) of a local weights file; empty: checked only "
                                  "when the file name carries torchvision's digest"),
     "weights_fallback": Param(str, "used when weights=imagenet cannot be obtained", choices=("none", "fail")),
+    "recipe": Param(str, "probe: logistic regression on frozen pretrained features; lpft: that probe, then "
+                         "fine-tuning from it; ft: train everything from the start (probe and lpft need pretrained "
+                         "weights and become ft without them)", choices=("ft", "lpft", "probe")),
+    "probe_c": Param(_NUM, "inverse L2 strength of the linear probe's logistic regression (on standardised features)"),
+    "body_lr_mult": Param(_NUM, "lpft: the body's learning rate as a fraction of lr (the head gets lr)"),
+    "freeze_blocks": Param(int, "blocks of the body, stem first, kept frozen while fine-tuning (0 = none)"),
+    "label_smoothing": Param(_NUM, "label smoothing of the cross-entropy (0 = off)"),
+    "ema_decay": Param(_NUM, "exponential moving average of the weights per step, evaluated and saved (0 = off)"),
     "dropout": Param(_NUM, "dropout before the linear classifier"),
     "epochs": Param(int, "maximum training epochs"),
     "batch_size": Param(int, "training batch size"),
@@ -98,6 +106,9 @@ SCHEMA: dict[str, Param] = {
     "aug_contrast": Param(_NUM, "largest contrast change, fraction (0 = off)"),
     "aug_noise": Param(_NUM, "largest std of added Gaussian noise on the 0-1 scale (0 = off)"),
     "aug_blur": Param(_NUM, "largest Gaussian blur sigma in pixels (0 = off)"),
+    "aug_resolution": Param(_NUM, "down-up sampling to a random fraction of the side, at least this (0 = off)"),
+    "aug_gamma": Param(_NUM, "largest |log gamma| of a random gamma curve (0 = off; 0.4 spans gamma 0.67-1.49)"),
+    "aug_jpeg": Param(int, "lowest JPEG quality of a random re-compression (0 = off)"),
     "aug_flip": Param(bool, "random horizontal and vertical flips (off: defect geometry is not mirror-invariant in general)"),
     "device": Param(str, "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
     "deterministic": Param(bool, "seed everything and use deterministic algorithms"),

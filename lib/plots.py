@@ -82,3 +82,17 @@ def recall_bars(table: pd.DataFrame, lower, upper):
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
     return fig
+
+
+def shift_bars(recall: pd.Series, err: pd.Series | None = None, title: str = ""):
+    """Macro recall per named shift (first entry: unshifted), the unshifted level as a line."""
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(recall) + 1))
+    ax.barh(recall.index[::-1], recall.values[::-1], xerr=None if err is None else err.values[::-1],
+            color=["C1" if n != recall.index[0] else "C0" for n in recall.index[::-1]])
+    ax.axvline(recall.iloc[0], color="k", ls="--", lw=1, label="unshifted")
+    ax.set_xlim(0, 1.0)
+    ax.set_xlabel("macro recall")
+    ax.set_title(title)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    return fig

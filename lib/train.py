@@ -46,12 +46,57 @@ class _AddNoise(nn.Module):
         return (x + torch.randn_like(x) * std).clamp(0, 1)
 
 
+class _Resolution(nn.Module):
+    """Down-sample to a random fraction in [min_fraction, 1] of the side, then back up (p = 0.5):
+    a coarser pixel size or an image that was stored small and enlarged."""
+
+    def __init__(self, min_fraction: float):
+        super().__init__()
+        self.min_fraction = min_fraction
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) < 0.5:
+            return x
+        side = x.shape[-1]
+        f = self.min_fraction + (1 - self.min_fraction) * float(torch.rand(()))
+        small = nn.functional.interpolate(x[None], size=max(8, round(side * f)), mode="bilinear", antialias=True)
+        return nn.functional.interpolate(small, size=x.shape[-2:], mode="bilinear")[0].clamp(0, 1)
+
+
+class _Gamma(nn.Module):
+    """Gamma in [exp(-max_log), exp(max_log)]: detector response and brightness curves differ by tool."""
+
+    def __init__(self, max_log: float):
+        super().__init__()
+        self.max_log = max_log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gamma = math.exp((2 * float(torch.rand(())) - 1) * self.max_log)
+        return x.clamp(1e-6, 1) ** gamma
+
+
+class _Jpeg(nn.Module):
+    """JPEG re-compression at a random quality in [min_quality, 95] (p = 0.5)."""
+
+    def __init__(self, min_quality: int):
+        super().__init__()
+        self.jpeg = v2.JPEG(quality=(min_quality, 95))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) < 0.5:
+            return x
+        return self.jpeg((x * 255).round().to(torch.uint8)).float() / 255
+
+
 def train_transform(*, size: int, shift: float = 0.0, scale: float = 0.0, brightness: float = 0.0,
-                    contrast: float = 0.0, noise: float = 0.0, blur: float = 0.0, flip: bool = False) -> v2.Compose:
+                    contrast: float = 0.0, noise: float = 0.0, blur: float = 0.0, flip: bool = False,
+                    resolution: float = 0.0, gamma: float = 0.0, jpeg: int = 0) -> v2.Compose:
     """Augmentation for grayscale [1, H, W] tensors on 0-1 that keeps SEM semantics.
 
     No rotations or flips unless asked: scan direction and shading are not symmetric.
-    Each argument at 0 (or False) switches its step off.
+    Each argument at 0 (or False) switches its step off. `resolution`, `gamma` and `jpeg`
+    cover the shifts of `lib.shifts` (down-up sampling, gamma, JPEG); noise, contrast and
+    blur cover the rest.
     """
     steps: list[nn.Module] = []
     if flip:
@@ -63,13 +108,19 @@ def train_transform(*, size: int, shift: float = 0.0, scale: float = 0.0, bright
     if shift > 0:
         # shift by cropping a reflect-padded image: no black borders for the model to learn
         steps.append(v2.RandomCrop(size, padding=max(1, round(shift * size)), padding_mode="reflect"))
+    if resolution > 0:
+        steps.append(_Resolution(resolution))
     if brightness > 0 or contrast > 0:
         steps.append(v2.ColorJitter(brightness=brightness or None, contrast=contrast or None))
+    if gamma > 0:
+        steps.append(_Gamma(gamma))
     if blur > 0:
         k = 2 * math.ceil(3 * blur) + 1
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=k, sigma=(0.1, blur))], p=0.5))
     if noise > 0:
         steps.append(_AddNoise(noise))
+    if jpeg > 0:
+        steps.append(_Jpeg(jpeg))
     steps.append(v2.Resize((size, size), antialias=True))  # no-op at the cached size
     return v2.Compose(steps)
 
@@ -123,8 +174,16 @@ def warmup_cosine(optimizer, *, warmup_steps: int, total_steps: int) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, progress=None) -> dict:
+def train_mode(model: nn.Module, frozen=()) -> None:
+    """model.train(), except frozen blocks, which stay in eval mode (their BatchNorm statistics too)."""
     model.train()
+    for block in frozen:
+        block.eval()
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, progress=None, frozen=(),
+                    ema=None) -> dict:
+    train_mode(model, frozen)
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in loader:
         x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
@@ -134,6 +193,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, prog
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -169,21 +230,38 @@ class FitResult:
     best_val_macro_recall: float = -1.0
     stopped_early: bool = False
     seconds: float = 0.0
+    last: nn.Module | None = None  # the model after the last epoch (the EMA when ema_decay > 0)
 
 
 def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: float, weight_decay: float,
-        warmup_epochs: float, patience: int, device, criterion, on_best, progress: bool = True) -> FitResult:
+        warmup_epochs: float, patience: int, device, criterion, on_best, progress: bool = True,
+        body_lr_mult: float = 1.0, frozen=(), ema_decay: float = 0.0) -> FitResult:
     """AdamW + warm-up/cosine; early stopping on validation macro recall.
 
     `on_best(model, epoch, val_metrics)` is called whenever validation macro recall improves
-    (ties broken by lower validation loss), e.g. to write the checkpoint.
+    (ties broken by lower validation loss), e.g. to write the checkpoint. Without a
+    validation loader every epoch runs and `on_best` gets the last model (val_metrics None).
+
+    Fine-tuning controls: the body (`model.features`) learns at `lr * body_lr_mult` and the
+    head at `lr`; `frozen` blocks (see `freeze`) get no updates and keep BatchNorm in eval
+    mode; `ema_decay` > 0 keeps an exponential moving average of the weights (and BatchNorm
+    buffers), which is what gets evaluated and handed to `on_best`.
     """
-    # channels-last is about twice as fast for MobileNetV2's depthwise convolutions on CPU
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    # channels-last is about twice as fast for depthwise convolutions on CPU
     model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    head = [p for p in model.classifier.parameters() if p.requires_grad]
+    body = [p for p in model.features.parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": lr}] + ([{"params": body, "lr": lr * body_lr_mult}] if body else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     steps = epochs * len(train_loader)
     scheduler = warmup_cosine(optimizer, warmup_steps=max(1, int(warmup_epochs * len(train_loader))),
                               total_steps=steps)
+    ema = None
+    if ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    scored = (lambda: ema.module) if ema is not None else (lambda: model)
     eval_criterion = nn.CrossEntropyLoss(weight=getattr(criterion, "weight", None))
     result = FitResult()
     best_key = (-1.0, 0.0)
@@ -195,26 +273,198 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
 
         bar = tqdm(total=epochs, desc="epochs", unit="epoch")
     for epoch in range(1, epochs + 1):
-        tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device)
-        va = evaluate(model, val_loader, eval_criterion, device, n_classes)
-        row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-               "val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_recall": va["macro_recall"],
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, frozen=frozen, ema=ema)
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"]}
+        if val_loader is not None:
+            va = evaluate(scored(), val_loader, eval_criterion, device, n_classes)
+            row |= {"val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_recall": va["macro_recall"]}
+        row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         result.history.append(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(train_loss=f"{tr['loss']:.3f}",
+                            **({"val_recall": f"{va['macro_recall']:.3f}"} if val_loader is not None else {}))
+        if val_loader is None:
+            continue
         key = (va["macro_recall"], -va["loss"])
         if key > best_key:
             best_key, since_best = key, 0
             result.best_epoch, result.best_val_macro_recall = epoch, va["macro_recall"]
-            on_best(model, epoch, va)
+            on_best(scored(), epoch, va)
         else:
             since_best += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(train_loss=f"{tr['loss']:.3f}", val_recall=f"{va['macro_recall']:.3f}")
         if since_best >= patience:
             result.stopped_early = True
             break
+    if val_loader is None:
+        result.best_epoch = len(result.history)
+        on_best(scored(), result.best_epoch, None)
     if bar is not None:
         bar.close()
     result.seconds = time.perf_counter() - start
+    result.last = scored()
     return result
+
+
+# --- Linear probe, then fine-tuning (LP-FT) ---------------------------------------------
+
+
+def body_blocks(model: nn.Module) -> list[nn.Module]:
+    """The body's blocks in input-to-output order (stem first), the units `freeze` counts."""
+    if getattr(model, "arch", "mobilenet_v2") == "mobilenet_v2":
+        return list(model.features)
+    net = model.features  # EfficientNet-Lite: stem (conv + BN), MBConv blocks, head conv (+ BN)
+    return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
+
+
+def freeze(model: nn.Module, n_blocks: int | None = None) -> list[nn.Module]:
+    """Stop gradients into the first n_blocks body blocks (all of them when None); return them.
+
+    Pass the result to `fit(frozen=...)` so they also keep BatchNorm in eval mode.
+    """
+    blocks = body_blocks(model)
+    chosen = blocks if n_blocks is None else blocks[:n_blocks]
+    for block in chosen:
+        for p in block.parameters():
+            p.requires_grad_(False)
+    return chosen
+
+
+@torch.inference_mode()
+def pooled_features(model: nn.Module, gray: np.ndarray, device="cpu", batch_size: int = 64) -> np.ndarray:
+    """Pooled body features [N, F] of cached grayscale images [N, 1, H, W], body in eval mode."""
+    was_training = model.training
+    model.eval().to(device)
+    out = []
+    for i in range(0, len(gray), batch_size):
+        x = normalize(torch.from_numpy(np.ascontiguousarray(gray[i : i + batch_size])).float().to(device))
+        out.append(model.pool(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, *, balanced: bool = True,
+                 c: float = 1.0, seed: int = 0):
+    """Multinomial logistic regression on standardised frozen features (scikit-learn).
+
+    Returns (weight [C, F], bias [C]) acting on the raw features, ready for the linear head,
+    and the fitted pipeline (for `predict_proba` on features).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    present = np.unique(labels)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, random_state=seed,
+                                                             class_weight="balanced" if balanced else None))
+    clf.fit(features, labels)
+    scaler, lr = clf[0], clf[1]
+    w = np.zeros((n_classes, features.shape[1]), np.float32)
+    b = np.full(n_classes, -30.0, np.float32)  # a class absent from training is never predicted
+    coef, intercept = lr.coef_, lr.intercept_
+    if len(present) == 2:  # scikit-learn's binary form: one row for the second class
+        coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    w[present] = coef / scale
+    b[present] = intercept - (coef * scaler.mean_ / scale).sum(1)
+    return w, b, clf
+
+
+def set_head(model: nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Load a linear probe's (weight, bias) into the model's linear head."""
+    linear = model.classifier[-1]
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(weight))
+        linear.bias.copy_(torch.from_numpy(bias))
+
+
+# --- One entry point for every recipe: the training notebook and cross-validation share it ---
+
+RECIPES = ("ft", "lpft", "probe")
+
+
+@dataclass
+class Trained:
+    model: nn.Module  # after the last epoch (the EMA when used); on_best received the best one
+    weights: dict
+    recipe: str  # the recipe that ran (probe and lpft become ft without pretrained weights)
+    probe: dict | None = None  # the linear probe's validation metrics: the floor to beat
+    fit: FitResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def augmentation(P: dict) -> v2.Compose:
+    """The training augmentation the parameters ask for (aug_* keys)."""
+    return train_transform(size=P["image_size"], shift=P["aug_shift"], scale=P["aug_scale"],
+                           brightness=P["aug_brightness"], contrast=P["aug_contrast"], noise=P["aug_noise"],
+                           blur=P["aug_blur"], flip=P["aug_flip"], resolution=P["aug_resolution"],
+                           gamma=P["aug_gamma"], jpeg=P["aug_jpeg"])
+
+
+def prepare(P: dict, n_classes: int, *, build_dir="build") -> Trained:
+    """Build the model the parameters name and load its initial weights (not yet trained).
+
+    `weights` and `notes` say what was loaded and which recipe will run: probe and lpft need
+    pretrained features and become ft when the weights are random.
+    """
+    from lib import model as net
+
+    model = net.build_model(n_classes, arch=P["arch"], width=P["width"], dropout=P["dropout"],
+                            image_size=P["image_size"])
+    weights = net.init_weights(model, P["weights"], fallback=P["weights_fallback"],
+                               sha256=P["weights_sha256"] or None, build_dir=build_dir)
+    out = Trained(model=model, weights=weights, recipe=P["recipe"])
+    if out.recipe != "ft" and weights["source"] == "none":
+        out.notes.append(f"Recipe `{out.recipe}` needs pretrained features, but the weights are random: "
+                         f"trained with recipe `ft` (from scratch) instead.")
+        out.recipe = "ft"
+    return out
+
+
+def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, generator, on_best=None,
+                 progress: bool = True, build_dir="build", prepared: Trained | None = None) -> Trained:
+    """Train the model `prepare` gives (or `prepared`) by its recipe.
+
+    gray / y: {"train": ..., "val": ...} cached grayscale images and labels; "val" may be
+    missing (cross-validation trains a fixed number of epochs). Recipes:
+    - probe: frozen body, multinomial logistic regression on its pooled features as the head;
+    - lpft: the probe, then fine-tuning of the whole network from it (body at lr * body_lr_mult,
+      the first freeze_blocks blocks frozen), with label smoothing and optional EMA;
+    - ft: the head starts at random and everything trains at lr (training from scratch).
+    `on_best(model, epoch, val_metrics)` receives each new best model (see `fit`).
+    """
+    from lib.metrics import macro_recall
+
+    out = prepared or prepare(P, n_classes, build_dir=build_dir)
+    model = out.model.to(device)
+    has_val = "val" in gray and len(gray["val"]) > 0
+    on_best = on_best or (lambda *a: None)
+    counts = np.bincount(y["train"], minlength=n_classes)
+    if out.recipe in ("probe", "lpft"):
+        w, b, clf = linear_probe(pooled_features(model, gray["train"], device), y["train"], n_classes,
+                                 balanced=P["class_weights"], c=P["probe_c"], seed=P["seed"])
+        set_head(model, w, b)
+        if has_val:
+            val_pred = clf.predict(pooled_features(model, gray["val"], device))
+            out.probe = {"val_macro_recall": macro_recall(y["val"], val_pred, n_classes),
+                         "val_accuracy": float((val_pred == y["val"]).mean())}
+        if out.recipe == "probe":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            on_best(model, 0, None if not has_val else {"macro_recall": out.probe["val_macro_recall"]})
+            return out
+    weights_ce = class_weights(y["train"], n_classes) if P["class_weights"] else torch.ones(n_classes)
+    weights_ce[torch.from_numpy(counts == 0)] = 0.0
+    criterion = nn.CrossEntropyLoss(weight=weights_ce.to(device), label_smoothing=P["label_smoothing"])
+    frozen = freeze(model, P["freeze_blocks"]) if P["freeze_blocks"] > 0 else []
+    train_loader = make_loader(GrayDataset(gray["train"], y["train"], augmentation(P)), batch_size=P["batch_size"],
+                               train=True, generator=generator, balanced=P["weighted_sampler"])
+    val_loader = (make_loader(GrayDataset(gray["val"], y["val"]), batch_size=64, train=False, generator=generator)
+                  if has_val else None)
+    out.fit = fit(model, train_loader, val_loader, n_classes=n_classes, epochs=P["epochs"], lr=P["lr"],
+                  weight_decay=P["weight_decay"], warmup_epochs=P["warmup_epochs"], patience=P["patience"],
+                  device=device, criterion=criterion, on_best=on_best, progress=progress,
+                  body_lr_mult=P["body_lr_mult"] if out.recipe == "lpft" else 1.0, frozen=frozen,
+                  ema_decay=P["ema_decay"])
+    out.model = out.fit.last
+    return out
