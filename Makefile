@@ -29,7 +29,10 @@ EVAL   := $(REPORTS)/04_evaluation.html
 EXPORT := $(REPORTS)/05_export.html
 INDEX  := $(REPORTS)/index.html
 
-.PHONY: all help env data eda audit train eval export test lab bench clean clean-all FORCE
+CV     := $(REPORTS)/06_cross_validation.html
+DATA   ?=
+
+.PHONY: all help env data eda audit train eval export cv pretrain test lab bench clean clean-all FORCE
 
 all: $(INDEX) ## run the whole pipeline and render reports/ (creates the environment if missing)
 
@@ -78,6 +81,19 @@ eval: $(EVAL) ## 04: test-split metrics, confusion matrices, error gallery
 $(EXPORT): notebooks/05_export.ipynb $(STAGEPAR)/05_export.yaml $(TRAIN) $(LIB)
 	$(RUN_NB)
 export: $(EXPORT) ## 05: ONNX export, parity check, latency, label files
+
+# Cross-validation of the cv_configs on any image folder (not part of `all`): its own
+# parameter files under $(BUILD)/cv, so the main run's stages stay up to date.
+cv: $(ENV) ## 06: group k-fold CV report on DATA=<image folder> (compares cv_configs, shift table)
+	@test -n "$(DATA)" || { echo "usage: make cv DATA=<image folder> [PARAMS=...]" >&2; exit 2; }
+	@test -d "$(DATA)" || { echo "error: DATA folder not found: $(DATA)" >&2; exit 2; }
+	@$(PY) -m lib.params $(PARAMS) --set build_dir=$(BUILD) --set data_dir=$(abspath $(DATA)) --set synthetic=false \
+	    --out-dir $(BUILD)/cv/params
+	$(PY) -m lib.notebooks notebooks/06_cross_validation.ipynb --params $(BUILD)/cv/params/06_cross_validation.yaml \
+	    --executed $(NB)/06_cross_validation.ipynb --html $(CV)
+
+pretrain: $(STAGEPAR)/all.yaml ## train (or reuse) the synthetic-pretrained body for the params' arch (weights: synthetic)
+	$(PY) -m lib.pretrain --params $(STAGEPAR)/all.yaml
 
 $(INDEX): $(EDA) $(AUDIT) $(TRAIN) $(EVAL) $(EXPORT) $(LIB)
 	$(PY) -m lib.index --build $(BUILD) --reports $(REPORTS)

@@ -112,8 +112,15 @@ SCHEMA: dict[str, Param] = {
     "aug_flip": Param(bool, "random horizontal and vertical flips (off: defect geometry is not mirror-invariant in general)"),
     "device": Param(str, "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
     "deterministic": Param(bool, "seed everything and use deterministic algorithms"),
+    "pretrain_per_class": Param(int, "weights synthetic: synthetic images per class rendered for pretraining"),
+    "pretrain_epochs": Param(int, "weights synthetic: epochs of pretraining on them"),
     # 04_evaluation
     "gallery_max": Param(int, "largest number of misclassified images shown"),
+    # 06_cross_validation (make cv DATA=<folder>)
+    "cv_folds": Param(int, "folds of the stratified group k-fold"),
+    "cv_configs": Param(list, "configurations compared, one per entry: space-separated key:value overrides of the "
+                              "training parameters, e.g. 'arch:efficientnet_lite0 weights:imagenet recipe:lpft'"),
+    "cv_shifts": Param(bool, "also score every fold under each named shift of lib.shifts"),
     # 05_export
     "opset": Param(int, "ONNX opset version (17 or newer)"),
     "latency_runs": Param(int, "timed batch-1 ONNX Runtime runs after warm-up"),

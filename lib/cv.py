@@ -1,0 +1,163 @@
+"""Group k-fold cross-validation of training configurations on one dataset.
+
+Groups are the leakage audit's duplicate groups (bytes, pixels, name family, perceptual
+hashes), so an original and its offline-augmented copies always sit in the same fold. Each
+configuration trains through `lib.train.train_recipe` (the training notebook's code) on the
+other folds' files, copies included, and is scored on the held-out fold with one image per
+group: its original, not its augmented copies.
+
+A configuration is one line of space-separated `key:value` overrides of the training
+parameters, e.g. ``arch:efficientnet_lite0 weights:imagenet recipe:lpft epochs:10``; every key
+and value is checked against the parameter schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from lib import leakage, params
+from lib.metrics import defect_vs_clean, macro_recall
+
+
+@dataclass
+class Config:
+    text: str
+    overrides: dict
+    P: dict
+
+    @property
+    def name(self) -> str:
+        return self.text
+
+
+def parse_config(text: str, base: dict) -> Config:
+    """`key:value key:value ...` -> the base parameters with those keys replaced (checked)."""
+    overrides = {}
+    for token in text.split():
+        key, sep, raw = token.partition(":")
+        if not sep or not key:
+            raise params.ParamError(f"cv config {text!r}: {token!r} is not key:value")
+        value = yaml.safe_load(raw) if raw else ""
+        if key in params.SCHEMA and params.SCHEMA[key].type is str and not isinstance(value, str):
+            value = raw  # a path or name that YAML read as a number
+        overrides[key] = params.check(key, value, f"cv config {text!r}")
+    return Config(text=text, overrides=overrides, P={**base, **overrides})
+
+
+def audit_groups(df: pd.DataFrame, phash_threshold: int, dhash_threshold: int, workers: int = 2) -> pd.DataFrame:
+    """Duplicate groups of the files in df (path, class) and which file represents each group.
+
+    Adds `group`, `name_key` and `representative`: per group, the file whose name carries no
+    copy or augmentation suffix (the original), else the first file by path.
+    """
+    df = df.reset_index(drop=True).copy()
+    fp = leakage.fingerprints(df["path"], workers=workers)
+    df = pd.concat([df, fp], axis=1)
+    df["name_key"] = leakage.name_keys(df["path"], df["class"])
+    df["group"] = leakage.group_ids(len(df), leakage.find_pairs(df, phash_threshold, dhash_threshold))
+    stem = df["path"].map(lambda p: Path(p).stem.lower())
+    df["_copy"] = [s != k.split("/", 1)[1] for s, k in zip(stem, df["name_key"])]
+    order = df.sort_values(["group", "_copy", "path"])
+    df["representative"] = False
+    df.loc[order.drop_duplicates("group").index, "representative"] = True
+    return df.drop(columns="_copy")
+
+
+def folds(labels, groups, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified group k-fold: (train positions, test positions) per fold; a group never splits."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    n_groups = len(np.unique(groups))
+    if n_groups < k:
+        raise ValueError(f"{k}-fold cross-validation needs at least {k} duplicate groups, found {n_groups}")
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(tr, te) for tr, te in sgkf.split(labels, labels, groups)]
+
+
+def cache_key(*parts) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ConfigResult:
+    config: str
+    weights: str
+    recipe: str
+    folds: pd.DataFrame  # one row per fold: macro recall, accuracy, miss rate, seconds
+    per_class: pd.DataFrame  # fold x class recall
+    confusion: np.ndarray  # summed over folds
+    shifts: pd.DataFrame  # fold x shift macro recall
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representative: np.ndarray,
+               classes: list[str], *, device, shift_names=(), build_dir="build", progress: bool = False,
+               log=print) -> ConfigResult:
+    """Train and score one configuration on every fold."""
+    from lib import export, shifts as shift_lib, train
+    from lib.data import normalize
+
+    n = len(classes)
+    rows, per_class, shift_rows = [], [], []
+    confusion = np.zeros((n, n), np.int64)
+    notes: set[str] = set()
+    weights, recipe = "", cfg.P["recipe"]
+    start = time.perf_counter()
+    for f, (tr, te) in enumerate(splits):
+        t0 = time.perf_counter()
+        generator = train.seed_everything(cfg.P["seed"] + f, cfg.P["deterministic"])
+        trained = train.train_recipe(cfg.P, {"train": gray[tr]}, {"train": y[tr]}, n, device=device,
+                                     generator=generator, progress=progress, build_dir=build_dir)
+        weights, recipe = trained.weights["source"], trained.recipe
+        notes.update(trained.notes)
+        if trained.weights["source"] == "none" and cfg.P["weights"] not in ("none",):
+            notes.add(trained.weights["detail"])
+        test = te[representative[te]]
+        yt = y[test]
+        pred = export.run_torch(trained.model, normalize(gray[test]), device=device).argmax(1)
+        dvc = defect_vs_clean(yt, pred, classes)
+        rows.append({"fold": f + 1, "train images": len(tr), "test groups": len(test),
+                     "macro recall": macro_recall(yt, pred, n), "accuracy": float((pred == yt).mean()),
+                     "miss rate": dvc["miss_rate"], "seconds": time.perf_counter() - t0})
+        per_class.append([float((pred[yt == c] == c).mean()) if (yt == c).any() else np.nan for c in range(n)])
+        np.add.at(confusion, (yt, pred), 1)
+        if shift_names:
+            srow = {"fold": f + 1}
+            for name in shift_names:
+                shifted = shift_lib.apply(name, gray[test], seed=f)
+                sp = export.run_torch(trained.model, normalize(shifted), device=device).argmax(1)
+                srow[name] = macro_recall(yt, sp, n)
+            shift_rows.append(srow)
+        log(f"  fold {f + 1}/{len(splits)}: macro recall {rows[-1]['macro recall']:.3f}, "
+            f"{rows[-1]['seconds']:.0f} s")
+    return ConfigResult(
+        config=cfg.text, weights=weights, recipe=recipe, folds=pd.DataFrame(rows),
+        per_class=pd.DataFrame(per_class, columns=classes, index=pd.RangeIndex(1, len(splits) + 1, name="fold")),
+        confusion=confusion,
+        shifts=pd.DataFrame(shift_rows).set_index("fold") if shift_rows else pd.DataFrame(),
+        notes=sorted(notes), seconds=time.perf_counter() - start)
+
+
+def summary_row(r: ConfigResult) -> dict:
+    f = r.folds
+    row = {"config": r.config, "weights used": r.weights, "recipe run": r.recipe,
+           "macro recall": f"{f['macro recall'].mean():.3f} ± {f['macro recall'].std(ddof=1):.3f}",
+           "accuracy": f"{f['accuracy'].mean():.3f} ± {f['accuracy'].std(ddof=1):.3f}",
+           "miss rate": f"{f['miss rate'].mean():.3f}" if f["miss rate"].notna().all() else "n/a",
+           "min fold recall": round(float(f["macro recall"].min()), 3),
+           "minutes": round(r.seconds / 60, 1)}
+    if len(r.shifts):
+        base = r.folds["macro recall"].mean()
+        for name in ("down-up 128 px", "down-up 64 px"):
+            if name in r.shifts:
+                row[f"{name} drop (points)"] = round(100 * (base - r.shifts[name].mean()), 1)
+    return row
