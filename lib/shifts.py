@@ -46,14 +46,17 @@ def _blur(sigma: float):
     return lambda gray, rng: gaussian_filter(gray, sigma, mode="reflect")
 
 
+def jpeg(gray: np.ndarray, quality: int) -> np.ndarray:
+    """8-bit JPEG round trip of a 0-1 grayscale image at `quality`."""
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(gray, 0, 1) * 255).astype(np.uint8), mode="L").save(
+        buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return np.asarray(Image.open(buf), dtype=np.float32) / 255
+
+
 def _jpeg(quality: int):
-    def shift(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        buf = io.BytesIO()
-        Image.fromarray(np.round(np.clip(gray, 0, 1) * 255).astype(np.uint8), mode="L").save(
-            buf, format="JPEG", quality=quality)
-        buf.seek(0)
-        return np.asarray(Image.open(buf), dtype=np.float32) / 255
-    return shift
+    return lambda gray, rng: jpeg(gray, quality)
 
 
 SHIFTS = {

@@ -80,12 +80,15 @@ class _Jpeg(nn.Module):
 
     def __init__(self, min_quality: int):
         super().__init__()
-        self.jpeg = v2.JPEG(quality=(min_quality, 95))
+        self.min_quality = min_quality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.rand(()) < 0.5:
             return x
-        return self.jpeg((x * 255).round().to(torch.uint8)).float() / 255
+        from lib.shifts import jpeg
+
+        quality = int(torch.randint(self.min_quality, 96, ()))
+        return torch.from_numpy(jpeg(x[0].numpy(), quality))[None]
 
 
 def train_transform(*, size: int, shift: float = 0.0, scale: float = 0.0, brightness: float = 0.0,

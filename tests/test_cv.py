@@ -1,0 +1,65 @@
+"""Cross-validation: folds keep duplicate groups whole, originals are the scored images, configs are checked."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+from conftest import sem_like
+from lib import cv, params
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_groups=st.integers(10, 60), k=st.integers(2, 5), seed=st.integers(0, 1000), data=st.data())
+def test_no_group_crosses_folds_and_every_item_is_tested_once(n_groups, k, seed, data):
+    sizes = data.draw(st.lists(st.integers(1, 5), min_size=n_groups, max_size=n_groups))
+    groups = np.repeat(np.arange(n_groups), sizes)
+    group_label = np.array(data.draw(st.lists(st.integers(0, 3), min_size=n_groups, max_size=n_groups)))
+    labels = group_label[groups]
+    splits = cv.folds(labels, groups, k, seed)
+    assert len(splits) == k
+    tested = np.concatenate([te for _, te in splits])
+    assert sorted(tested.tolist()) == list(range(len(groups)))
+    for tr, te in splits:
+        assert not set(groups[tr]) & set(groups[te])
+        assert len(np.intersect1d(tr, te)) == 0
+
+
+def test_too_few_groups_for_the_folds_is_an_error():
+    with pytest.raises(ValueError, match="at least 5 duplicate groups"):
+        cv.folds([0, 1, 0], [0, 1, 2], 5, 0)
+
+
+def test_augmented_copies_join_their_original_which_is_the_scored_image(tmp_path):
+    rows = []
+    for cls, k in (("bridge", 0), ("vias", 1)):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            img = Image.fromarray(sem_like(100 * k + i, 96))
+            img.save(tmp_path / cls / f"{cls}_{i}.png")
+            rows.append((tmp_path / cls / f"{cls}_{i}.png", cls))
+            for a in (1, 2):  # offline augmentation: noisy, resized copies named _augN
+                arr = np.asarray(img.resize((120, 120)), np.float32) + np.random.default_rng(a).normal(0, 3, (120, 120))
+                p = tmp_path / cls / f"{cls}_{i}_aug{a}.png"
+                Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(p)
+                rows.append((p, cls))
+    df = pd.DataFrame({"path": [str(p) for p, _ in rows], "class": [c for _, c in rows]})
+    out = cv.audit_groups(df, 6, 6, workers=1)
+    assert out["group"].nunique() == 6
+    reps = out[out["representative"]]
+    assert len(reps) == 6 and not reps["path"].map(lambda p: "_aug" in p.rsplit("/", 1)[1]).any()
+    assert (out.groupby("group")["class"].nunique() == 1).all()
+
+
+def test_config_lines_are_checked_against_the_schema():
+    base = params.read_file(params.BASE)
+    c = cv.parse_config("arch:efficientnet_lite0 recipe:probe epochs:3 weights:/tmp/x.pth", base)
+    assert c.P["arch"] == "efficientnet_lite0" and c.P["epochs"] == 3 and c.P["weights"] == "/tmp/x.pth"
+    assert c.P["lr"] == base["lr"]
+    with pytest.raises(params.ParamError, match="'recipe'"):
+        cv.parse_config("recipe:magic", base)
+    with pytest.raises(params.ParamError, match="unknown parameter 'epoch'"):
+        cv.parse_config("epoch:3", base)
+    with pytest.raises(params.ParamError, match="not key:value"):
+        cv.parse_config("arch", base)

