@@ -101,8 +101,13 @@ class ConfigResult:
 
 def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representative: np.ndarray,
                classes: list[str], *, device, shift_names=(), build_dir="build", progress: bool = False,
-               log=print) -> ConfigResult:
-    """Train and score one configuration on every fold."""
+               log=print, feature_cache: dict | None = None) -> ConfigResult:
+    """Train and score one configuration on every fold.
+
+    For probe and lpft the pooled features of every image under the initial (pretrained)
+    weights are computed once and shared by all folds, and by every configuration with the
+    same architecture, weights and input size through `feature_cache`.
+    """
     from lib import export, shifts as shift_lib, train
     from lib.data import normalize
 
@@ -115,8 +120,18 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
     for f, (tr, te) in enumerate(splits):
         t0 = time.perf_counter()
         generator = train.seed_everything(cfg.P["seed"] + f, cfg.P["deterministic"])
+        prepared = train.prepare(cfg.P, n, build_dir=build_dir)
+        feats = None
+        if prepared.recipe in ("probe", "lpft"):
+            key = (cfg.P["arch"], cfg.P["width"], prepared.weights["source"], prepared.weights.get("sha256"),
+                   prepared.weights["detail"], cfg.P["image_size"], len(gray))
+            cache = feature_cache if feature_cache is not None else {}
+            if key not in cache:
+                cache[key] = train.pooled_features(prepared.model, gray, device)
+            feats = {"train": cache[key][tr]}
         trained = train.train_recipe(cfg.P, {"train": gray[tr]}, {"train": y[tr]}, n, device=device,
-                                     generator=generator, progress=progress, build_dir=build_dir)
+                                     generator=generator, progress=progress, build_dir=build_dir,
+                                     prepared=prepared, features=feats)
         weights, recipe = trained.weights["source"], trained.recipe
         notes.update(trained.notes)
         if trained.weights["source"] == "none" and cfg.P["weights"] not in ("none",):

@@ -425,7 +425,8 @@ def prepare(P: dict, n_classes: int, *, build_dir="build") -> Trained:
 
 
 def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, generator, on_best=None,
-                 progress: bool = True, build_dir="build", prepared: Trained | None = None) -> Trained:
+                 progress: bool = True, build_dir="build", prepared: Trained | None = None,
+                 features: dict | None = None) -> Trained:
     """Train the model `prepare` gives (or `prepared`) by its recipe.
 
     gray / y: {"train": ..., "val": ...} cached grayscale images and labels; "val" may be
@@ -435,6 +436,9 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
       the first freeze_blocks blocks frozen), with label smoothing and optional EMA;
     - ft: the head starts at random and everything trains at lr (training from scratch).
     `on_best(model, epoch, val_metrics)` receives each new best model (see `fit`).
+    `features` ({"train": ..., "val": ...}) are the pooled features of the same images under
+    the initial weights, when the caller already has them (cross-validation reuses them
+    across folds); otherwise the probe computes them.
     """
     from lib.metrics import macro_recall
 
@@ -444,11 +448,13 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
     on_best = on_best or (lambda *a: None)
     counts = np.bincount(y["train"], minlength=n_classes)
     if out.recipe in ("probe", "lpft"):
-        w, b, clf = linear_probe(pooled_features(model, gray["train"], device), y["train"], n_classes,
-                                 balanced=P["class_weights"], c=P["probe_c"], seed=P["seed"])
+        features = features or {}
+        feats = features["train"] if "train" in features else pooled_features(model, gray["train"], device)
+        w, b, clf = linear_probe(feats, y["train"], n_classes, balanced=P["class_weights"], c=P["probe_c"],
+                                 seed=P["seed"])
         set_head(model, w, b)
         if has_val:
-            val_pred = clf.predict(pooled_features(model, gray["val"], device))
+            val_pred = clf.predict(features["val"] if "val" in features else pooled_features(model, gray["val"], device))
             out.probe = {"val_macro_recall": macro_recall(y["val"], val_pred, n_classes),
                          "val_accuracy": float((val_pred == y["val"]).mean())}
         if out.recipe == "probe":
