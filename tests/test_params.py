@@ -25,8 +25,9 @@ def parameters_cell(nb_path):
     return values
 
 
-def test_five_ordered_notebooks():
-    assert [p.stem for p in NOTEBOOKS] == ["01_eda", "02_leakage_audit", "03_training", "04_evaluation", "05_export"]
+def test_ordered_notebooks():
+    assert [p.stem for p in NOTEBOOKS] == ["01_eda", "02_leakage_audit", "03_training", "04_evaluation", "05_export",
+                                           "06_cross_validation"]
 
 
 def test_base_yaml_sets_every_schema_key_and_fits_the_schema():
