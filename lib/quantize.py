@@ -173,10 +173,15 @@ def search(prepared: str | Path, calib_x: np.ndarray, settings: list[Setting], e
     return rows, paths
 
 
-def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreement", err_col: str = "mean_abs_logit_diff"):
+def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreement",
+           speed_col: str | None = "batch1_p50_ms", err_col: str = "mean_abs_logit_diff"):
     """The setting that loses least: smallest macro-recall drop (a gain counts as no drop, since on a
-    small split a gain is luck), then the highest argmax agreement with FP32, then the smallest logit
-    error. Returns the chosen row's index label."""
-    key = table[drop_col].clip(lower=0).round(9), -table[agree_col].round(9), table[err_col]
-    order = np.lexsort(tuple(np.asarray(k, dtype=float) for k in reversed(key)))
+    small split a gain is luck), then the highest argmax agreement with FP32; among settings equal
+    on both, the fastest (when `speed_col` is given), then the smallest logit error.
+    Returns the chosen row's index label."""
+    keys = [table[drop_col].clip(lower=0).round(9), -table[agree_col].round(9)]
+    if speed_col is not None:
+        keys.append(table[speed_col])
+    keys.append(table[err_col])
+    order = np.lexsort(tuple(np.asarray(k, dtype=float) for k in reversed(keys)))
     return table.index[order[0]]

@@ -96,9 +96,13 @@ def test_search_scores_every_setting_and_choose_keeps_the_least_loss(mobilenet, 
                                   work_dir=tmp_path)
     assert [r["setting"] for r in rows] == [s.name for s in settings] and all(p.is_file() for p in paths.values())
     table = pd.DataFrame({"macro_recall_drop": [0.02, -0.05, 0.0, 0.0], "agreement": [1.0, 0.9, 0.95, 0.95],
-                          "mean_abs_logit_diff": [0.0, 0.0, 0.2, 0.1]}, index=["a", "b", "c", "d"])
+                          "mean_abs_logit_diff": [0.0, 0.0, 0.2, 0.1], "batch1_p50_ms": [1.0, 1.0, 2.0, 2.0]},
+                         index=["a", "b", "c", "d"])
     # b's gain counts as no drop; among no-drop settings c and d agree most, and d's logits are closer
     assert quantize.choose(table) == "d"
+    table.loc["c", "batch1_p50_ms"] = 1.5  # equally faithful in argmax: the faster one
+    assert quantize.choose(table) == "c"
+    assert quantize.choose(table, speed_col=None) == "d"
 
 
 def test_scores_and_fidelity():
@@ -131,3 +135,9 @@ def test_latency_rows_per_engine_and_batch():
     assert benchmark.threads_to_use(3) == 3 and benchmark.threads_to_use(0) >= 1
     with pytest.raises(ValueError):
         benchmark.latency(engines, {1: np.zeros((1, 1))}, runs=0)
+
+
+def test_pareto_front_keeps_undominated_points():
+    cost = [1.0, 2.0, 3.0, 2.5, 1.0]
+    value = [0.5, 0.8, 0.9, 0.7, 0.4]
+    assert benchmark.pareto_front(cost, value).tolist() == [True, True, True, False, False]
