@@ -121,3 +121,14 @@ def compute(model, size: int) -> dict:
 def sizes(files: dict[str, str | Path]) -> dict[str, int]:
     """Bytes on disk of each named file."""
     return {name: Path(f).stat().st_size for name, f in files.items()}
+
+
+def pareto_front(cost, value) -> np.ndarray:
+    """Boolean mask of the points no other point beats: none costs no more and scores at least as
+    well while being strictly better in one of the two (lower cost is better, higher value is better)."""
+    cost, value = np.asarray(cost, float), np.asarray(value, float)
+    keep = np.ones(len(cost), bool)
+    for i in range(len(cost)):
+        better = (cost <= cost[i]) & (value >= value[i]) & ((cost < cost[i]) | (value > value[i]))
+        keep[i] = not better.any()
+    return keep
