@@ -65,9 +65,12 @@ def calibration_rows(split, n: int, seed: int):
 
 
 class _Batches:
-    """ONNX Runtime's CalibrationDataReader protocol (get_next, rewind, len, set_range) over an input array."""
+    """ONNX Runtime's CalibrationDataReader protocol (get_next, rewind, len, set_range) over an input array.
 
-    def __init__(self, x: np.ndarray, batch_size: int = 8):
+    One image per batch by default: the histogram calibrators (Entropy, Percentile) stack the
+    outputs of all batches, which fails on a shorter last batch."""
+
+    def __init__(self, x: np.ndarray, batch_size: int = 1):
         self.x, self.batch_size = np.ascontiguousarray(x, np.float32), batch_size
         self.set_range(0, len(x))
 

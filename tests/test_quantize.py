@@ -76,7 +76,7 @@ def test_int8_model_is_qdq_per_channel_smaller_and_agrees(mobilenet, tmp_path):
 def test_every_calibration_method_quantises(mobilenet, tmp_path, activation):
     _, fp32, prepared = mobilenet
     for method in quantize.CALIBRATIONS:
-        q = quantize.quantize(prepared, tmp_path / f"{method}.onnx", inputs(4),
+        q = quantize.quantize(prepared, tmp_path / f"{method}.onnx", inputs(5),
                               quantize.Setting(activation, False, method), cache_dir=tmp_path)
         assert export.run_onnx(export.session(q), inputs(2)).shape == (2, 4)
 
