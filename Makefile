@@ -32,7 +32,7 @@ INDEX  := $(REPORTS)/index.html
 CV     := $(REPORTS)/06_cross_validation.html
 DATA   ?=
 
-.PHONY: all help env data eda audit train eval export cv pretrain test lab bench clean clean-all FORCE
+.PHONY: all help env data eda audit train eval export cv pretrain sweep test lab bench clean clean-all FORCE
 
 all: $(INDEX) ## run the whole pipeline and render reports/ (creates the environment if missing)
 
@@ -80,7 +80,23 @@ eval: $(EVAL) ## 04: test-split metrics, confusion matrices, error gallery
 
 $(EXPORT): notebooks/05_export.ipynb $(STAGEPAR)/05_export.yaml $(TRAIN) $(LIB)
 	$(RUN_NB)
-export: $(EXPORT) ## 05: ONNX export, parity check, latency, label files
+export: $(EXPORT) ## 05: ONNX + INT8 export, parity, latency, the deployment bundle
+
+# Width sweep: the whole pipeline once per MobileNetV2 width, each in its own build folder
+# (PARAMS plus a one-key overlay), then the accuracy-vs-latency and -vs-size frontier.
+# Long (a full training per width); not part of `all` or `test`.
+SWEEP        := $(BUILD)/sweep
+SWEEP_WIDTHS ?= 1.0 0.75 0.5 0.35
+
+sweep: $(STAGEPAR)/all.yaml ## train and export each MobileNetV2 width (SWEEP_WIDTHS), then the frontier in sweep.html
+	@set -e; for w in $(SWEEP_WIDTHS); do \
+	  mkdir -p $(SWEEP)/w$$w; printf 'arch: mobilenet_v2\nwidth: %s\n' $$w > $(SWEEP)/w$$w/width.yaml; \
+	  echo "== width $$w -> $(SWEEP)/w$$w"; \
+	  $(MAKE) --no-print-directory all PARAMS="$(PARAMS) $(SWEEP)/w$$w/width.yaml" BUILD=$(SWEEP)/w$$w \
+	    REPORTS=$(SWEEP)/w$$w/reports; \
+	done
+	$(PY) -m lib.notebooks notebooks/sweep.ipynb --params $(STAGEPAR)/all.yaml --executed $(NB)/sweep.ipynb \
+	  --html $(REPORTS)/sweep.html
 
 # Cross-validation of the cv_configs on any image folder (not part of `all`): its own
 # parameter files under $(BUILD)/cv, so the main run's stages stay up to date.
@@ -107,6 +123,7 @@ lab: $(ENV) ## JupyterLab on the notebooks (lib importable, no path hacks)
 bench: $(ENV) ## benchmark scripts (figures quoted in the README)
 	$(PY) tests/benchmarks/bench_synthetic.py
 	$(PY) tests/benchmarks/bench_leakage.py
+	$(PY) tests/benchmarks/bench_predict.py
 
 clean: ## remove artifacts and reports (keeps data/ and .venv)
 	rm -rf $(BUILD) $(REPORTS)/*.html

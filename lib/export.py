@@ -1,10 +1,10 @@
-"""ONNX export with gates: explicit exporter, dynamic batch, full checker, parity with PyTorch."""
+"""ONNX export with gates (explicit exporter, dynamic batch, full checker, parity with PyTorch) and the
+bundle's descriptive files (labels, bundle.json manifest, model card)."""
 
 from __future__ import annotations
 
 import json
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -76,20 +76,6 @@ def parity(torch_logits: np.ndarray, onnx_logits: np.ndarray) -> dict:
             "disagreements": int((~agree).sum())}
 
 
-def latency(sess, x1: np.ndarray, runs: int = 50, warmup: int = 10) -> dict:
-    """Batch-1 latency of an ONNX Runtime session (ms): warm-up, then p50/p95 over `runs`."""
-    for _ in range(warmup):
-        sess.run(["logits"], {"input": x1})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(["logits"], {"input": x1})
-        times.append((time.perf_counter() - t) * 1000)
-    t = np.asarray(times)
-    return {"runs": runs, "p50_ms": float(np.percentile(t, 50)), "p95_ms": float(np.percentile(t, 95)),
-            "mean_ms": float(t.mean()), "images_per_s": float(1000 / np.percentile(t, 50))}
-
-
 def write_labels(folder: str | Path, classes: list[str]) -> dict[str, Path]:
     """labels.json (index -> class) and a fitted scikit-learn LabelEncoder pickle.
 
@@ -106,3 +92,93 @@ def write_labels(folder: str | Path, classes: list[str]) -> dict[str, Path]:
     with atomic_path(folder / "label_encoder.pkl") as tmp:
         tmp.write_bytes(pickle.dumps(enc))
     return {"labels": labels, "encoder": folder / "label_encoder.pkl"}
+
+
+def markdown_table(df) -> str:
+    """A pandas DataFrame as a GitHub Markdown table (index included), floats to 4 significant digits."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "\\|")
+
+    frame = df.reset_index()
+    head = "| " + " | ".join(map(cell, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def file_digest(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_bundle_manifest(folder: str | Path, *, review_threshold: float, int8_fit: bool, extra: dict | None = None) -> Path:
+    """bundle.json: every file of the bundle with its size and sha256, the default review threshold
+    and whether the INT8 model is fit for use (read by lib.predict)."""
+    folder = Path(folder)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in sorted(folder.iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.name != "bundle.json"}
+    manifest = {"review_threshold": review_threshold, "int8_fit": int8_fit, "files": files, **(extra or {})}
+    return write_text_atomic(folder / "bundle.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def model_card(*, title: str, date: str, dataset: dict, params: dict, weights: dict, classes: list[str],
+               metrics, int8: dict, latency, compute: dict, sizes: dict, machine: dict, quantization: dict) -> str:
+    """The bundle's model card (Markdown): what the model is, what it was trained on, how well it does
+    and how fast it runs, with the date. `metrics` and `latency` are DataFrames."""
+    fp = dataset.get("fingerprint", {})
+    verdict = ("fit for use" if int8["fit"] else
+               f"**NOT FIT for use**: its macro recall drops by {int8['macro_recall_drop']:.4f}, more than the "
+               f"allowed {int8['max_drop']:.4f}; deploy model.onnx (FP32) instead")
+    keys = ["arch", "width", "image_size", "resize", "alpha_background", "weights", "epochs", "batch_size", "lr",
+            "weight_decay", "dropout", "seed", "calibration_images", "int8_max_recall_drop", "review_threshold"]
+    param_rows = "\n".join(f"| `{k}` | `{params[k]}` |" for k in keys if k in params)
+    size_rows = "\n".join(f"| {k} | {v / 1e6:.2f} MB |" for k, v in sizes.items())
+    return f"""# {title}
+
+Date: {date}
+
+## Model
+- Architecture: `{params.get('arch')}` (width {params.get('width')}); input `input`, float32
+  [N, 3, {params.get('image_size')}, {params.get('image_size')}]; output `logits` [N, {len(classes)}] (softmax gives probabilities).
+- Classes, in output order: {', '.join(f'`{c}`' for c in classes)} (`labels.json`, `label_encoder.pkl`).
+- Preprocessing: `preprocessing.json` (the definition in `lib/data.py`; `python -m lib.predict` applies it).
+- Parameters: {compute['parameters']:,}; multiply-adds per image: {compute['macs'] / 1e6:.1f} M (counted by
+  torch's FlopCounterMode).
+- Initial weights: `{weights.get('source')}`: {weights.get('detail')}{f" (sha256 {weights['sha256']})" if weights.get('sha256') else ''}
+
+## Files
+| file | size |
+|---|---|
+{size_rows}
+
+`model.int8.onnx`: static INT8 (ONNX Runtime QDQ, per-channel weights), setting `{quantization['setting']}`,
+calibrated on {quantization['calibration_images']} training images, chosen on the {quantization['chosen_on']} split.
+The INT8 model is {verdict}.
+
+## Data
+- Dataset: `{dataset.get('data_dir')}` ({'synthetic, rendered by lib/synthetic.py' if dataset.get('synthetic') else 'user data'}),
+  {fp.get('files', '?')} files, fingerprint sha256 `{fp.get('sha256', '?')}` (relative path, size and mtime of every file).
+
+## Metrics (test split)
+{markdown_table(metrics)}
+
+## Latency (ms per call; images/s from the p50)
+{markdown_table(latency)}
+
+Measured on {machine.get('cpu')} ({machine.get('cpu_count')} cores), {machine.get('threads')} threads, onnxruntime
+{machine.get('onnxruntime')}, torch {machine.get('torch')}; load average (1, 5, 15 min) before
+{machine.get('load_average_before')} and after {machine.get('load_average_after')}: figures taken while other work
+runs on the machine are slower than on an idle one.
+
+## Parameters of the run
+| key | value |
+|---|---|
+{param_rows}
+"""

@@ -20,7 +20,8 @@ STAGES = [
     ("02_leakage_audit", "Duplicate detectors, duplicate groups, the grouped stratified split, zero-overlap proof"),
     ("03_training", "Weights used, augmentation, training curves, best epoch"),
     ("04_evaluation", "Per-class recall/precision/F1, confusion matrices, miss and false-alarm rates, errors"),
-    ("05_export", "ONNX graph, checker, parity with PyTorch, batch-1 latency, label and preprocessing files"),
+    ("05_export", "ONNX graph, checker, parity with PyTorch, INT8 settings compared, INT8 vs FP32, latency "
+                  "(PyTorch, ONNX Runtime FP32 / INT8), size, the deployment bundle"),
 ]
 
 
@@ -51,6 +52,11 @@ def headline(build: Path) -> dict:
         "ONNX size (MB)": e.get("bytes", 0) / 1e6 if e else None,
         "ONNX Runtime batch-1 latency p50 (ms)": e.get("latency_batch1", {}).get("p50_ms"),
         "ONNX parity (argmax agreement)": e.get("parity", {}).get("argmax_agreement"),
+        "INT8 size (MB)": e["int8"]["bytes"] / 1e6 if e.get("int8") else None,
+        "ONNX Runtime INT8 batch-1 latency p50 (ms)": next((r["p50_ms"] for r in e.get("latency", [])
+                                                            if r["engine"] == "ONNX Runtime INT8" and r["batch"] == 1), None),
+        "INT8 test macro-recall drop": e["int8"]["macro_recall_drop"] if e.get("int8") else None,
+        "INT8 fit for use": e["int8"]["fit"] if e.get("int8") else None,
         "CPU": e.get("machine", {}).get("cpu"),
         "dataset render (s)": d.get("render_seconds"),
     }

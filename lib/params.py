@@ -123,7 +123,14 @@ SCHEMA: dict[str, Param] = {
     "cv_shifts": Param(bool, "also score every fold under each named shift of lib.shifts"),
     # 05_export
     "opset": Param(int, "ONNX opset version (17 or newer)"),
-    "latency_runs": Param(int, "timed batch-1 ONNX Runtime runs after warm-up"),
+    "latency_runs": Param(int, "timed runs per engine and batch size after warm-up (latency benchmark)"),
+    "calibration_images": Param(int, "training images that calibrate the INT8 activation ranges"),
+    "quant_calibrations": Param(list, "INT8 calibration methods compared: MinMax, Entropy, Percentile (each with "
+                                      "S8S8 / U8S8 and with / without reduce_range)"),
+    "int8_max_recall_drop": Param(_NUM, "largest acceptable test macro-recall drop of INT8 vs FP32 (0.01 = 1 point); "
+                                        "beyond it the INT8 model is marked not fit"),
+    "bench_threads": Param(int, "threads for the latency benchmark (PyTorch and ONNX Runtime); 0 = every core"),
+    "review_threshold": Param(_NUM, "lib.predict flags a prediction for review below this confidence (bundle default)"),
 }
 
 

@@ -65,3 +65,42 @@ def test_label_files_round_trip(tmp_path):
     assert list(enc.inverse_transform([0, 3])) == [classes[0], classes[3]]
     with pytest.raises(ValueError, match="LabelEncoder order"):
         export.write_labels(tmp_path, ["b", "a"])
+
+
+def test_bundle_manifest_lists_every_file_with_its_digest(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"abc")
+    (tmp_path / "labels.json").write_text("[]")
+    (tmp_path / ".model.onnx.123.tmp").write_bytes(b"half-written")
+    export.write_bundle_manifest(tmp_path, review_threshold=0.4, int8_fit=False)
+    manifest = json.loads((tmp_path / "bundle.json").read_text())
+    assert manifest["review_threshold"] == 0.4 and manifest["int8_fit"] is False
+    assert set(manifest["files"]) == {"model.onnx", "labels.json"}
+    assert manifest["files"]["model.onnx"] == {
+        "bytes": 3, "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+
+
+def test_model_card_says_when_int8_is_not_fit():
+    import pandas as pd
+
+    card = export.model_card(
+        title="t", date="2030-01-01", dataset={"data_dir": "d", "synthetic": True, "fingerprint": {"files": 3, "sha256": "f00"}},
+        params={"arch": "mobilenet_v2", "width": 0.5, "image_size": 64}, weights={"source": "none", "detail": "random"},
+        classes=["a", "b"], metrics=pd.DataFrame({"macro recall": [0.9, 0.8]}, index=["FP32", "INT8"]),
+        int8={"fit": False, "macro_recall_drop": 0.1, "max_drop": 0.01}, latency=pd.DataFrame({"p50_ms": [1.0]}),
+        compute={"parameters": 10, "macs": 2e6}, sizes={"model.onnx": 1e6}, machine={"cpu": "x"},
+        quantization={"setting": "U8S8 MinMax", "calibration_images": 4, "chosen_on": "val"})
+    assert "**NOT FIT for use**" in card and "f00" in card and "2030-01-01" in card and "| FP32 | 0.9 |" in card
+
+
+def test_sweep_notebook_is_stripped_and_reads_only_known_keys():
+    import nbformat
+    import papermill
+
+    from conftest import ROOT
+    from lib import params
+
+    path = ROOT / "notebooks" / "sweep.ipynb"
+    assert set(papermill.inspect_notebook(str(path))) <= set(params.SCHEMA)
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None

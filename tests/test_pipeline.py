@@ -56,8 +56,56 @@ def test_training_loss_fell_and_weights_are_named(smoke_run):
 def test_onnx_parity_held(smoke_run):
     exp = json.loads((smoke_run[0] / "build" / "export" / "export.json").read_text())
     assert exp["parity"]["argmax_agreement"] == 1.0 and exp["parity"]["images"] > 0
-    for f in ("model.onnx", "labels.json", "label_encoder.pkl", "preprocessing.json"):
+    for f in ("model.onnx", "model.int8.onnx", "labels.json", "label_encoder.pkl", "preprocessing.json",
+              "model_card.md", "bundle.json", "benchmark.json"):
         assert (smoke_run[0] / "build" / "export" / f).is_file()
+
+
+def test_export_report_compares_int8_settings_and_times_three_engines(smoke_run):
+    build = smoke_run[0] / "build"
+    exp = json.loads((build / "export" / "export.json").read_text())
+    assert len(exp["quantization_search"]) == 12 and exp["int8"]["setting"] in {r["setting"] for r in exp["quantization_search"]}
+    assert exp["int8"]["chosen_on"] == "val" and isinstance(exp["int8"]["fit"], bool)
+    assert exp["int8"]["bytes"] < 0.4 * exp["bytes"] and exp["compute"]["macs"] > 0
+    bench = json.loads((build / "export" / "benchmark.json").read_text())
+    assert {(r["engine"], r["batch"]) for r in bench["rows"]} == {
+        (e, b) for e in ("PyTorch eager FP32", "ONNX Runtime FP32", "ONNX Runtime INT8") for b in (1, 8)}
+    assert bench["machine"]["threads"] >= 1 and len(bench["machine"]["load_average_before"]) == 3
+    html = (smoke_run[0] / "reports" / "05_export.html").read_text()
+    for text in ("INT8: the quantisation settings compared", "U8S8 reduce_range Entropy", "S8S8 Percentile",
+                 "INT8 against FP32 on the test split", "Latency: PyTorch eager, ONNX Runtime FP32 and INT8",
+                 "multiply-adds"):
+        assert text in html, text
+    assert len(re.findall(r"data:image/png;base64", html)) >= 1  # the latency plot
+    card = (build / "export" / "model_card.md").read_text()
+    dataset = json.loads((build / "dataset.json").read_text())
+    for text in (dataset["fingerprint"]["sha256"], "random initialisation", "## Latency", "macro recall",
+                 exp["int8"]["setting"], "Date: "):
+        assert text in card, text
+    manifest = json.loads((build / "export" / "bundle.json").read_text())
+    assert manifest["review_threshold"] == 0.5 and "model.int8.onnx" in manifest["files"]
+
+
+@pytest.mark.parametrize("model", ["model.onnx", "model.int8.onnx"])
+def test_predict_command_matches_the_evaluation_notebook(smoke_run, tmp_path, model):
+    """lib.predict on the test split gives the evaluation notebook's predictions (FP32 exactly;
+    INT8 as often as the export report's agreement says)."""
+    import pandas as pd
+
+    build = smoke_run[0] / "build"
+    evaluated = pd.read_csv(build / "eval" / "predictions.csv")
+    out = tmp_path / "rows.csv"
+    run = subprocess.run([sys.executable, "-m", "lib.predict", str(build / "export" / model), *evaluated["path"],
+                          "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = pd.read_csv(out)
+    assert rows["file"].tolist() == evaluated["path"].tolist()
+    if model == "model.onnx":
+        assert rows["predicted"].tolist() == evaluated["predicted"].tolist()
+        assert (rows["confidence"] - evaluated["confidence"]).abs().max() < 1e-4
+    else:
+        agreement = json.loads((build / "export" / "export.json").read_text())["int8"]["agreement"]["agreement"]
+        assert (rows["predicted"] == evaluated["predicted"]).mean() == pytest.approx(agreement)
 
 
 def test_split_has_zero_overlap_and_params_are_saved(smoke_run):

@@ -1,0 +1,256 @@
+"""Classify image files with an exported bundle.
+
+    python -m lib.predict build/export/model.int8.onnx wafer_42.png scans/ "lot7/**/*.tif" --out predictions.csv
+
+PATHs are files, folders (searched recursively for image files) or glob patterns (`**`
+crosses folders). The bundle is the model's folder: `labels.json` gives the class order and
+`preprocessing.json` the input size, resize policy and alpha background, applied by the one
+definition of preprocessing in `lib.data`; `bundle.json`, when present, gives the default
+review threshold. Images are decoded in parallel worker processes and classified in batches.
+
+Each file becomes one row: file, predicted class, confidence, top-3, `review` (confidence
+below the threshold) and error. A file that cannot be read becomes a row with its error, and
+the run goes on; the exit status is 1 when any file failed, 2 when the bundle or the options
+are wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from lib.data import IMAGE_EXTENSIONS, load_gray, normalize
+
+DEFAULT_THRESHOLD = 0.5
+TOP_K = 3
+
+
+class BundleError(ValueError):
+    """The model's folder is not a usable bundle; the message names the file."""
+
+
+@dataclass
+class Bundle:
+    model: Path
+    classes: list[str]
+    size: int
+    resize: str
+    background: float
+    review_threshold: float = DEFAULT_THRESHOLD
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, model: str | Path) -> "Bundle":
+        """Read labels.json, preprocessing.json and (optional) bundle.json beside the model file."""
+        model = Path(model)
+        if not model.is_file():
+            raise BundleError(f"model file not found: {model}")
+        folder = model.parent
+
+        def read(name: str, required: bool = True):
+            f = folder / name
+            if not f.is_file():
+                if required:
+                    raise BundleError(f"{f} is missing: the model's folder must hold the bundle written by the "
+                                      f"export stage (labels.json, preprocessing.json)")
+                return {}
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise BundleError(f"{f} is not valid JSON: {e}") from None
+
+        labels, spec, info = read("labels.json"), read("preprocessing.json"), read("bundle.json", required=False)
+        if not isinstance(labels, list) or not all(isinstance(c, str) for c in labels) or len(labels) < 2:
+            raise BundleError(f"{folder / 'labels.json'} must be a list of at least two class names")
+        try:
+            size = int(spec["shape"][2])
+            resize, background = spec.get("resize", "stretch"), float(spec.get("alpha_background", 0.0))
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise BundleError(f"{folder / 'preprocessing.json'} lacks the input shape [N, 3, H, W] ({e!r})") from None
+        return cls(model, labels, size, resize, background,
+                   float(info.get("review_threshold", DEFAULT_THRESHOLD)), info)
+
+
+def expand(paths: list[str]) -> list[tuple[str, str]]:
+    """Arguments -> (file, error) pairs, in argument order without duplicates.
+
+    A folder gives its image files (recursively, sorted); a glob gives its matches (folders
+    among them expanded); a name that is neither an existing path nor a matching pattern
+    gives one row with an error.
+    """
+    out: dict[str, str] = {}
+
+    def add_folder(folder: Path):
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                out.setdefault(str(p), "")
+
+    for arg in paths:
+        p = Path(arg)
+        if p.is_dir():
+            add_folder(p)
+        elif p.exists():
+            out.setdefault(arg, "")
+        elif glob.has_magic(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                out.setdefault(arg, "no file matches this pattern")
+            for m in matches:
+                if Path(m).is_dir():
+                    add_folder(Path(m))
+                elif Path(m).is_file():
+                    out.setdefault(m, "")
+        else:
+            out.setdefault(arg, "file not found")
+    return list(out.items())
+
+
+def decode(path: str, size: int, resize: str, background: float) -> tuple[np.ndarray | None, str]:
+    """One file -> (grayscale array on 0-1, "") or (None, why it cannot be read)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return None, "empty file (0 bytes)"
+        return load_gray(path, size, resize=resize, background=background), ""
+    except Exception as e:  # noqa: BLE001 - every decoder failure becomes a row, never a crash
+        return None, f"{type(e).__name__}: {e}".strip()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _session(model: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def predict(bundle: Bundle, items: list[tuple[str, str]], *, threshold: float | None = None, batch_size: int = 32,
+            workers: int | None = None, threads: int = 0) -> list[dict]:
+    """Rows for (file, error) items: predicted class, confidence, top-3, review flag, error.
+
+    Files are decoded by `workers` processes (default: one per core; 0 decodes in this
+    process) while this process classifies the decoded ones in batches.
+    """
+    threshold = bundle.review_threshold if threshold is None else threshold
+    sess = _session(bundle.model, threads)
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if len(items) > 64 else 0
+    load = partial(decode, size=bundle.size, resize=bundle.resize, background=bundle.background)
+    rows: list[dict] = []
+    pending: list[tuple[dict, np.ndarray]] = []
+
+    def flush():
+        if not pending:
+            return
+        x = normalize(np.stack([g for _, g in pending])[:, None])
+        prob = softmax(sess.run(None, {"input": x})[0].astype(np.float64))
+        top = np.argsort(-prob, axis=1)[:, :TOP_K]
+        for (row, _), p, t in zip(pending, prob, top):
+            row.update(predicted=bundle.classes[t[0]], confidence=float(p[t[0]]),
+                       top3=[(bundle.classes[i], float(p[i])) for i in t], review=bool(p[t[0]] < threshold))
+        pending.clear()
+
+    readable = [f for f, err in items if not err]
+    if workers and len(readable) > 1:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        decoded = pool.map(load, readable, chunksize=max(1, min(32, len(readable) // (4 * workers))))
+    else:
+        pool, decoded = None, map(load, readable)
+    try:
+        for f, err in items:
+            row = {"file": f, "predicted": None, "confidence": None, "top3": [], "review": True, "error": err}
+            rows.append(row)
+            if err:
+                continue
+            gray, row["error"] = next(decoded)
+            if gray is not None:
+                pending.append((row, gray))
+                if len(pending) >= batch_size:
+                    flush()
+        flush()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return rows
+
+
+def _top3_text(top3) -> str:
+    return "; ".join(f"{c} {p:.3f}" for c, p in top3)
+
+
+def to_frame(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame([{**r, "top3": _top3_text(r["top3"])} for r in rows],
+                        columns=["file", "predicted", "confidence", "top3", "review", "error"])
+
+
+def write(rows: list[dict], out: str | Path) -> Path:
+    """Rows to a CSV (top-3 as "class p; ...") or JSON file (top-3 as a list), by the file's extension."""
+    from lib.io import write_text_atomic
+
+    out = Path(out)
+    if out.suffix.lower() == ".csv":
+        return write_text_atomic(out, to_frame(rows).to_csv(index=False))
+    if out.suffix.lower() == ".json":
+        data = [{**r, "top3": [{"class": c, "probability": p} for c, p in r["top3"]]} for r in rows]
+        return write_text_atomic(out, json.dumps(data, indent=2) + "\n")
+    raise ValueError(f"--out must end in .csv or .json, got {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lib.predict", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="model file (.onnx) inside an export bundle folder")
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
+    ap.add_argument("--out", help="also write the rows to this .csv or .json file")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="flag for review below this confidence (default: the bundle's review_threshold)")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per ONNX Runtime call")
+    ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core; 0: none)")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
+    ap.add_argument("--quiet", action="store_true", help="print only the summary line, not the table")
+    args = ap.parse_args(argv)
+    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
+        print(f"error: --out must end in .csv or .json, got {args.out}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    try:
+        bundle = Bundle.load(args.model)
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = predict(bundle, expand(args.paths), threshold=args.threshold, batch_size=args.batch_size,
+                   workers=args.workers, threads=args.threads)
+    failed = sum(bool(r["error"]) for r in rows)
+    if not args.quiet:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", None, "display.max_colwidth", 80, "display.width", 200):
+            print(to_frame(rows).round({"confidence": 4}).astype(object).fillna("").to_string(index=False))
+    if args.out:
+        write(rows, args.out)
+    review = sum(bool(r["review"]) and not r["error"] for r in rows)
+    print(f"{len(rows)} files: {len(rows) - failed} classified ({review} below the review threshold), "
+          f"{failed} failed" + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

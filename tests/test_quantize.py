@@ -1,0 +1,143 @@
+"""INT8 quantisation (QDQ, per-channel, calibrated), the setting search, and the benchmark helpers."""
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+
+from lib import benchmark, export, model as net, quantize
+
+SIZE = 32
+
+
+def _export(folder, arch, size):
+    torch.manual_seed(0)
+    m = net.build_model(4, arch=arch, image_size=size).eval()
+    torch.nn.init.normal_(m.classifier[1].weight, 0, 1.0)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    path = export.export_onnx(m, folder / "m.onnx", size=size)
+    return m, path, quantize.preprocess(path, folder / "m.prep.onnx")
+
+
+@pytest.fixture(scope="module")
+def mobilenet(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("q"), "mobilenet_v2", SIZE)
+
+
+def inputs(n, size=SIZE, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, 3, size, size)).astype(np.float32)
+
+
+def test_grid_covers_types_reduce_range_and_methods():
+    settings = quantize.grid()
+    assert len(settings) == 12 and len({s.name for s in settings}) == 12
+    assert {s.activation for s in settings} == {"S8", "U8"} and {s.reduce_range for s in settings} == {True, False}
+    assert quantize.Setting("U8", True, "Entropy").name == "U8S8 reduce_range Entropy"
+    with pytest.raises(ValueError, match="calibration methods"):
+        quantize.grid(["MinMax", "Magic"])
+
+
+def test_calibration_rows_are_training_rows_spread_over_classes_and_reproducible():
+    split = pd.DataFrame({"path": [f"f{i}" for i in range(40)], "class": ["a"] * 30 + ["b"] * 10,
+                          "split": ["train"] * 20 + ["val"] * 10 + ["train"] * 10})
+    rows = quantize.calibration_rows(split, 8, seed=1)
+    assert len(rows) == 8 and set(rows["split"]) == {"train"}
+    assert rows["class"].value_counts().to_dict() == {"a": 4, "b": 4}
+    assert rows["path"].tolist() == quantize.calibration_rows(split, 8, seed=1)["path"].tolist()
+    assert len(quantize.calibration_rows(split, 1000, seed=1)) == 30
+    with pytest.raises(ValueError, match="no training rows"):
+        quantize.calibration_rows(split[split["split"] == "val"], 8, seed=1)
+
+
+def test_int8_model_is_qdq_per_channel_smaller_and_agrees(mobilenet, tmp_path):
+    m, fp32, prepared = mobilenet
+    q = quantize.quantize(prepared, tmp_path / "q.onnx", inputs(16), quantize.Setting("U8", True, "MinMax"),
+                          cache_dir=tmp_path)
+    proto = onnx.load(str(q))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    inits = {i.name: i for i in proto.graph.initializer}
+    weight_scales = [inits[n.input[1]] for n in proto.graph.node
+                     if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+                     and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and n.input[1] in inits]
+    assert any(len(s.dims) == 1 and s.dims[0] > 1 for s in weight_scales), "weights must be quantised per channel"
+    assert q.stat().st_size < 0.4 * fp32.stat().st_size
+    assert (tmp_path / "calibration_MinMax.json").is_file()  # calibration cached for the other variants
+    x = inputs(32, seed=5)
+    fid = quantize.fidelity(export.run_onnx(export.session(fp32), x), export.run_onnx(export.session(q), x))
+    assert fid["agreement"] >= 0.9
+
+
+@pytest.mark.parametrize("activation", ["S8", "U8"])
+def test_every_calibration_method_quantises(mobilenet, tmp_path, activation):
+    _, fp32, prepared = mobilenet
+    for method in quantize.CALIBRATIONS:
+        q = quantize.quantize(prepared, tmp_path / f"{method}.onnx", inputs(5),
+                              quantize.Setting(activation, False, method), cache_dir=tmp_path)
+        assert export.run_onnx(export.session(q), inputs(2)).shape == (2, 4)
+
+
+def test_efficientnet_lite0_quantises(tmp_path):
+    _, fp32, prepared = _export(tmp_path, "efficientnet_lite0", 64)
+    q = quantize.quantize(prepared, tmp_path / "q.onnx", inputs(4, 64), quantize.Setting("S8", False, "MinMax"))
+    x = inputs(8, 64, seed=3)
+    assert quantize.fidelity(export.run_onnx(export.session(fp32), x),
+                             export.run_onnx(export.session(q), x))["agreement"] >= 0.75
+
+
+def test_search_scores_every_setting_and_choose_keeps_the_least_loss(mobilenet, tmp_path):
+    _, _, prepared = mobilenet
+    settings = quantize.grid(["MinMax"])
+    rows, paths = quantize.search(prepared, inputs(4), settings, lambda p: {"bytes": p.stat().st_size},
+                                  work_dir=tmp_path)
+    assert [r["setting"] for r in rows] == [s.name for s in settings] and all(p.is_file() for p in paths.values())
+    table = pd.DataFrame({"macro_recall_drop": [0.02, -0.05, 0.0, 0.0], "agreement": [1.0, 0.9, 0.95, 0.95],
+                          "mean_abs_logit_diff": [0.0, 0.0, 0.2, 0.1], "batch1_p50_ms": [1.0, 1.0, 2.0, 2.0]},
+                         index=["a", "b", "c", "d"])
+    # b's gain counts as no drop; among no-drop settings c and d agree most, and d's logits are closer
+    assert quantize.choose(table) == "d"
+    table.loc["c", "batch1_p50_ms"] = 1.5  # equally faithful in argmax: the faster one
+    assert quantize.choose(table) == "c"
+    assert quantize.choose(table, speed_col=None) == "d"
+
+
+def test_scores_and_fidelity():
+    classes = ["bridge", "clean", "vias"]
+    y = np.array([0, 1, 2, 2])
+    logits = np.eye(3)[[0, 1, 1, 2]]
+    s = quantize.scores(y, logits, classes)
+    assert s["accuracy"] == 0.75 and s["macro_recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert s["miss_rate"] == pytest.approx(1 / 3)
+    f = quantize.fidelity(logits, np.eye(3)[[0, 1, 2, 2]])
+    assert f["agreement"] == 0.75 and f["disagreements"] == 1
+
+
+def test_compute_counts_parameters_and_multiply_adds():
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    c = benchmark.compute(tiny, 8)
+    assert c["parameters"] == 3 * 4 * 9 + 144 * 2 + 2
+    assert c["macs"] == 4 * 6 * 6 * 3 * 9 + 144 * 2
+    mobile = benchmark.compute(net.build_model(8), 224)
+    assert 290e6 < mobile["macs"] < 320e6  # MobileNetV2 1.0 at 224 px: about 300 M multiply-adds
+
+
+def test_latency_rows_per_engine_and_batch():
+    calls = []
+    engines = {"a": lambda x: calls.append(("a", len(x))), "b": lambda x: calls.append(("b", len(x)))}
+    rows = benchmark.latency(engines, {1: np.zeros((1, 1)), 8: np.zeros((8, 1))}, runs=6, warmup=1, blocks=3)
+    assert [(r["engine"], r["batch"]) for r in rows] == [("a", 1), ("b", 1), ("a", 8), ("b", 8)]
+    assert all(r["runs"] == 6 and r["p95_ms"] >= r["p50_ms"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert calls.count(("a", 8)) == 1 + 3 + 6  # warm-up, one untimed call per block, timed runs
+    assert benchmark.threads_to_use(3) == 3 and benchmark.threads_to_use(0) >= 1
+    with pytest.raises(ValueError):
+        benchmark.latency(engines, {1: np.zeros((1, 1))}, runs=0)
+
+
+def test_pareto_front_keeps_undominated_points():
+    cost = [1.0, 2.0, 3.0, 2.5, 1.0]
+    value = [0.5, 0.8, 0.9, 0.7, 0.4]
+    assert benchmark.pareto_front(cost, value).tolist() == [True, True, True, False, False]
