@@ -72,7 +72,9 @@ def recall_bars(table: pd.DataFrame, lower, upper):
     recall = table["recall"].to_numpy()
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(table), 3.4))
     ax.bar(table.index, recall, color="C0")
-    ax.errorbar(table.index, recall, yerr=[recall - np.asarray(lower), np.asarray(upper) - recall],
+    # a Wilson bound can sit a rounding error on the wrong side of the recall: clip at 0
+    yerr = np.clip([recall - np.asarray(lower), np.asarray(upper) - recall], 0, None)
+    ax.errorbar(table.index, recall, yerr=yerr,
                 fmt="none", ecolor="black", capsize=3, lw=1)
     for i, (r, n) in enumerate(zip(recall, table["support"])):
         ax.text(i, 0.03, f"{r:.2f}\nn={n}", ha="center", va="bottom", fontsize=8, color="white")
