@@ -105,7 +105,7 @@ cv: $(ENV) ## 06: group k-fold CV report on DATA=<image folder> (compares cv_con
 	@test -d "$(DATA)" || { echo "error: DATA folder not found: $(DATA)" >&2; exit 2; }
 	@$(PY) -m lib.params $(PARAMS) --set build_dir=$(BUILD) --set data_dir=$(abspath $(DATA)) --set synthetic=false \
 	    --out-dir $(BUILD)/cv/params
-	$(PY) -m lib.notebooks notebooks/06_cross_validation.ipynb --params $(BUILD)/cv/params/06_cross_validation.yaml \
+	$(PY) -m lib.notebooks notebooks/06_cross_validation.ipynb --params $(BUILD)/cv/params/06_cross_validation.yaml --timeout 86400 \
 	    --executed $(NB)/06_cross_validation.ipynb --html $(CV)
 
 pretrain: $(STAGEPAR)/all.yaml ## train (or reuse) the synthetic-pretrained body for the params' arch (weights: synthetic)
