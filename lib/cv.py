@@ -32,10 +32,6 @@ class Config:
     overrides: dict
     P: dict
 
-    @property
-    def name(self) -> str:
-        return self.text
-
 
 def parse_config(text: str, base: dict) -> Config:
     """`key:value key:value ...` -> the base parameters with those keys replaced (checked)."""
