@@ -1,12 +1,35 @@
-"""Atomic file writes: a reader never sees a half-written artifact, and a failed write keeps the old one."""
+"""Safe writes: atomic files, strict JSON, and folders the project owns.
+
+- Atomic files: a reader never sees a half-written artifact, and a failed write keeps the old one.
+- Strict JSON: every JSON file parses with a strict parser (no NaN or Infinity; null where a value
+  does not exist).
+- Ownership: the project writes, renames or deletes only inside folders it created. A folder it
+  creates carries a marker file (`MARKER`); a folder is taken over only when it is missing or empty.
+  Anything else stops with `OwnershipError`, naming the folder and the fix. Whole-folder artifacts
+  (the rendered dataset, each stage's outputs) are built in a staging folder and swapped in only
+  when complete, so a killed run never leaves a half-written folder that looks finished.
+
+Standard library only, so `python -m lib.io clean ...` runs without the project's environment.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import shutil
+import sys
 import tempfile
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+MARKER = ".sem-defects.json"
+OWNER = "sem-defects"
+# entries that do not make a folder non-empty (a tracked placeholder)
+_PLACEHOLDERS = {".gitkeep"}
 
 
 @contextlib.contextmanager
@@ -44,3 +67,289 @@ def write_text_if_changed(target: str | Path, text: str) -> bool:
         return False
     write_text_atomic(target, text)
     return True
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# --- strict JSON ---------------------------------------------------------------------------
+
+
+def plain(obj: Any) -> Any:
+    """JSON-safe plain data: NaN, Infinity and missing values become None; numpy scalars and
+    arrays become Python numbers and lists; paths become strings; tuples and sets become lists."""
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if type(obj).__name__ in ("NAType", "NaTType"):  # pandas' missing values
+        return None
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy scalars and arrays
+        return plain(obj.tolist())
+    raise TypeError(f"{type(obj).__name__} is not JSON data: {obj!r}")
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON text (indented) of `obj` after `plain`."""
+    return json.dumps(plain(obj), indent=2, allow_nan=False) + "\n"
+
+
+def write_json_atomic(target: str | Path, obj: Any) -> Path:
+    """Write `obj` as strict JSON, atomically."""
+    return write_text_atomic(target, dumps(obj))
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file strictly (NaN, Infinity and -Infinity are errors)."""
+    return json.loads(Path(path).read_text(), parse_constant=_refuse_constant)
+
+
+# --- folders the project owns --------------------------------------------------------------
+
+
+class OwnershipError(RuntimeError):
+    """A folder the project would write into, rename or delete was not created by it."""
+
+
+def marker(folder: str | Path) -> dict | None:
+    """The ownership record of a folder, or None when the project did not create it."""
+    f = Path(folder) / MARKER
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("owner") == OWNER else None
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name not in _PLACEHOLDERS and p.name != MARKER)
+
+
+def _write_marker(folder: Path, what: str, **extra) -> None:
+    record = {"owner": OWNER, "what": what, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              **extra}
+    write_json_atomic(folder / MARKER, record)
+
+
+def _describe(entries: list[Path], n: int = 5) -> str:
+    shown = ", ".join(p.name for p in entries[:n])
+    return shown + (f" and {len(entries) - n} more" if len(entries) > n else "")
+
+
+def claim(folder: str | Path, what: str) -> Path:
+    """Make sure `folder` is the project's: create it (with its marker) when missing, mark it when
+    empty, accept it when marked; otherwise raise OwnershipError naming it and the fix."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OwnershipError(f"{folder} ({what}) exists and is not a folder; choose another path")
+    if folder.is_dir():
+        if marker(folder) is not None:
+            return folder
+        entries = _entries(folder)
+        if entries:
+            raise OwnershipError(
+                f"{folder} ({what}) already holds files the project did not create ({_describe(entries)}). "
+                f"The project writes only into folders it created, or into empty ones: choose a new or empty "
+                f"folder for the {what}")
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_marker(folder, what)
+    return folder
+
+
+def foreign_entries(folder: str | Path) -> list[Path]:
+    """Files under an owned folder that its marker does not list (someone else put them there).
+
+    Folders whose marker lists no files (build and report folders) have none by definition."""
+    record = marker(folder) or {}
+    if "files" not in record:
+        return []
+    known = set(record["files"])
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER
+                  and p.relative_to(folder).as_posix() not in known)
+
+
+def check_replaceable(target: str | Path, what: str) -> None:
+    """Raise OwnershipError unless `target` is missing, empty, or the project's own folder holding
+    only files the project wrote there."""
+    target = Path(target)
+    if target.is_symlink():
+        raise OwnershipError(f"{target} ({what}) is a symbolic link; the project replaces only folders it "
+                             f"created: point the parameter at a real folder")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise OwnershipError(f"{target} ({what}) exists and is not a folder; choose another path")
+    if marker(target) is None:
+        entries = _entries(target)
+        if entries:
+            raise OwnershipError(
+                f"{target} ({what}) holds files the project did not create ({_describe(entries)}), so it will "
+                f"not write there. Choose a new or empty folder for the {what}; the project never writes into, "
+                f"renames or deletes a folder it did not create")
+        return
+    if marker(target).get("what") != what:
+        raise OwnershipError(f"{target} is the project's {marker(target).get('what')}, not a {what}: choose "
+                             f"another folder for the {what}")
+    foreign = foreign_entries(target)
+    if foreign:
+        raise OwnershipError(
+            f"{target} ({what}) is the project's, but holds files the project did not write "
+            f"({_describe([p.relative_to(target) for p in foreign])}); move them out of it, then run again")
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def _sweep(parent: Path, prefix: str) -> None:
+    """Remove leftovers of killed runs: hidden staging folders this module made under an owned parent."""
+    if marker(parent) is None:
+        return
+    for p in parent.glob(f".{prefix}.*"):
+        if p.is_dir() and (".staging-" in p.name or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def replace_folder(target: str | Path, fill: Callable[[Path], dict | None], what: str) -> dict:
+    """Build a whole folder with `fill(staging)` and swap it in at `target` only once complete.
+
+    `target` must be missing, empty, or an earlier folder of this kind (`check_replaceable`).
+    The marker written into the new folder lists every file in it, together with what `fill`
+    returns. On failure the old folder is untouched and the staging folder is removed.
+    Returns the marker record.
+    """
+    target = Path(target).absolute()
+    check_replaceable(target, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        extra = fill(staging) or {}
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        record = {"what": what, "files": _listing(staging), **extra}
+        _write_marker(staging, **record)
+        if target.is_dir() and marker(target) is None:  # an empty folder someone made: fill it in place
+            for p in sorted(staging.iterdir(), key=lambda p: p.name == MARKER):  # the marker last
+                os.rename(p, target / p.name)
+            staging.rmdir()
+        else:
+            old = None
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(target, old)
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, target)
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return marker(target) or {}
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def stage_folder(build_dir: str | Path, name: str) -> Path:
+    """A fresh staging folder for one stage's outputs, inside the (claimed) build folder.
+
+    Write everything there, then `commit` it: `<build_dir>/<name>` changes only when the stage
+    completes, so a killed stage leaves its previous, complete outputs (and never a
+    half-written folder under the final name)."""
+    build = claim(build_dir, "build folder")
+    _sweep(build, name)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=build))
+
+
+def commit(staging: str | Path) -> Path:
+    """Swap a folder from `stage_folder` in as `<build_dir>/<name>`; return the final path."""
+    staging = Path(staging)
+    name = staging.name[1:].rsplit(".staging-", 1)[0]
+    target = staging.parent / name
+
+    def move(into: Path) -> None:
+        for p in staging.iterdir():
+            os.rename(p, into / p.name)
+
+    replace_folder(target, move, f"{name} outputs")
+    staging.rmdir()
+    return target
+
+
+def remove_owned(folder: str | Path) -> bool:
+    """Delete a folder the project created (its marker says so); refuse any other. Returns whether
+    something was removed."""
+    folder = Path(folder)
+    if not folder.exists():
+        return False
+    if folder.is_symlink() or marker(folder) is None:
+        raise OwnershipError(f"{folder} was not created by the project (no {MARKER} in it): not removed")
+    foreign = foreign_entries(folder)
+    if foreign:
+        raise OwnershipError(f"{folder} holds files the project did not write "
+                             f"({_describe([p.relative_to(folder) for p in foreign])}): not removed")
+    shutil.rmtree(folder)
+    return True
+
+
+# The report files the project writes into a reports folder.
+REPORT_GLOBS = ("[0-9][0-9]_*.html", "index.html", "sweep.html")
+
+
+def clean(build: str | Path | None = None, reports: str | Path | None = None, data: str | Path | None = None) -> list[str]:
+    """What `make clean` / `make clean-all` remove: the build folder (if the project's), the report
+    files in the reports folder (if the project's), and the project's datasets directly under `data`."""
+    removed = []
+    if build is not None and remove_owned(build):
+        removed.append(str(build))
+    if reports is not None and Path(reports).is_dir() and marker(reports) is not None:
+        for pattern in REPORT_GLOBS:
+            for f in sorted(Path(reports).glob(pattern)):
+                f.unlink()
+                removed.append(str(f))
+    if data is not None and Path(data).is_dir():
+        for sub in sorted(Path(data).iterdir()):
+            if sub.is_dir() and not sub.is_symlink() and marker(sub) is not None:
+                removed += [str(sub)] if remove_owned(sub) else []
+    return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Remove what the project generated, and nothing else.")
+    ap.add_argument("command", choices=["clean"])
+    ap.add_argument("--build", help="build folder: removed when the project created it")
+    ap.add_argument("--reports", help="reports folder: the project's report files in it are removed")
+    ap.add_argument("--data", help="data folder: the project's rendered datasets directly under it are removed")
+    args = ap.parse_args(argv)
+    try:
+        removed = clean(args.build, args.reports, args.data)
+    except OwnershipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in removed:
+        print(f"removed {r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
