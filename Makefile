@@ -19,7 +19,9 @@ LIB       := $(wildcard lib/*.py)
 STAGEPAR  := $(BUILD)/params
 DATASET   := $(BUILD)/dataset.json
 NB        := $(BUILD)/notebooks
-RUN_NB     = $(PY) -m lib.notebooks $< --params $(STAGEPAR)/$(basename $(notdir $<)).yaml \
+# A stage reruns when a key it declares changes (its prerequisite $(STAGEPAR)/<stage>.yaml), and runs
+# with the whole resolved set (all.yaml), which it records beside its artifacts.
+RUN_NB     = $(PY) -m lib.notebooks $< --params $(STAGEPAR)/all.yaml \
                --executed $(NB)/$(notdir $<) --html $@
 
 EDA    := $(REPORTS)/01_eda.html
@@ -55,12 +57,13 @@ $(STAGEPAR)/all.yaml: FORCE | $(ENV)
 	@$(PY) -m lib.params $(PARAMS) --set build_dir=$(BUILD) --out-dir $(STAGEPAR)
 $(STAGEPAR)/%.yaml: $(STAGEPAR)/all.yaml ;
 
-# The dataset's fingerprint: renders the synthetic set when params ask for it; rewritten
-# only when the files under data_dir changed.
-$(DATASET): $(STAGEPAR)/data.yaml lib/synthetic.py lib/data.py FORCE | $(ENV)
+# The dataset's fingerprint: renders the embedded synthetic set when data_dir is empty (into
+# synthetic_dir, a folder the project owns; never into one it did not create); rewritten only
+# when the files under the image folder changed. Your own data_dir is only ever read.
+$(DATASET): $(STAGEPAR)/data.yaml lib/synthetic.py lib/plant.py lib/data.py lib/io.py FORCE | $(ENV)
 	@$(PY) -m lib.data prepare --params $(STAGEPAR)/data.yaml --out $@
 
-data: $(DATASET) ## render the embedded dataset (if params say synthetic) and fingerprint data_dir
+data: $(DATASET) ## render the embedded dataset (when data_dir is empty) and fingerprint the image folder
 
 $(EDA): notebooks/01_eda.ipynb $(STAGEPAR)/01_eda.yaml $(DATASET) $(LIB)
 	$(RUN_NB)
@@ -103,9 +106,9 @@ sweep: $(STAGEPAR)/all.yaml ## train and export each MobileNetV2 width (SWEEP_WI
 cv: $(ENV) ## 06: group k-fold CV report on DATA=<image folder> (compares cv_configs, shift table)
 	@test -n "$(DATA)" || { echo "usage: make cv DATA=<image folder> [PARAMS=...]" >&2; exit 2; }
 	@test -d "$(DATA)" || { echo "error: DATA folder not found: $(DATA)" >&2; exit 2; }
-	@$(PY) -m lib.params $(PARAMS) --set build_dir=$(BUILD) --set data_dir=$(abspath $(DATA)) --set synthetic=false \
+	@$(PY) -m lib.params $(PARAMS) --set build_dir=$(BUILD) --set data_dir=$(abspath $(DATA)) \
 	    --out-dir $(BUILD)/cv/params
-	$(PY) -m lib.notebooks notebooks/06_cross_validation.ipynb --params $(BUILD)/cv/params/06_cross_validation.yaml --timeout 86400 \
+	$(PY) -m lib.notebooks notebooks/06_cross_validation.ipynb --params $(BUILD)/cv/params/all.yaml --timeout 86400 \
 	    --executed $(NB)/06_cross_validation.ipynb --html $(CV)
 
 pretrain: $(STAGEPAR)/all.yaml ## train (or reuse) the synthetic-pretrained body for the params' arch (weights: synthetic)
@@ -125,10 +128,12 @@ bench: $(ENV) ## benchmark scripts (figures quoted in the README)
 	$(PY) tests/benchmarks/bench_leakage.py
 	$(PY) tests/benchmarks/bench_predict.py
 
-clean: ## remove artifacts and reports (keeps data/ and .venv)
-	rm -rf $(BUILD) $(REPORTS)/*.html
+# Only what the project created goes: folders carrying its marker, and its report files.
+clean: ## remove artifacts and reports (keeps data/ and .venv; never touches folders the project did not create)
+	$(PYTHON) -m lib.io clean --build $(BUILD) --reports $(REPORTS)
 
-clean-all: clean ## also remove data/ and the environment
-	rm -rf data $(VENV)
+clean-all: clean ## also remove the rendered datasets under data/ and the environment
+	$(PYTHON) -m lib.io clean --data data
+	rm -rf $(VENV)
 
 FORCE:

@@ -50,20 +50,11 @@ def parse_config(text: str, base: dict) -> Config:
 def audit_groups(df: pd.DataFrame, phash_threshold: int, dhash_threshold: int, workers: int = 2) -> pd.DataFrame:
     """Duplicate groups of the files in df (path, class) and which file represents each group.
 
-    Adds `group`, `name_key` and `representative`: per group, the file whose name carries no
-    copy or augmentation suffix (the original), else the first file by path.
+    The leakage audit's detectors and groups (`lib.leakage.audit`), plus `representative`: per
+    group, the file whose name carries no copy or augmentation suffix (the original).
     """
-    df = df.reset_index(drop=True).copy()
-    fp = leakage.fingerprints(df["path"], workers=workers)
-    df = pd.concat([df, fp], axis=1)
-    df["name_key"] = leakage.name_keys(df["path"], df["class"])
-    df["group"] = leakage.group_ids(len(df), leakage.find_pairs(df, phash_threshold, dhash_threshold))
-    stem = df["path"].map(lambda p: Path(p).stem.lower())
-    df["_copy"] = [s != k.split("/", 1)[1] for s, k in zip(stem, df["name_key"])]
-    order = df.sort_values(["group", "_copy", "path"])
-    df["representative"] = False
-    df.loc[order.drop_duplicates("group").index, "representative"] = True
-    return df.drop(columns="_copy")
+    out, _ = leakage.audit(df[["path", "class"]], phash_threshold, dhash_threshold, workers=workers)
+    return out.assign(representative=leakage.representatives(out))
 
 
 def folds(labels, groups, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -74,6 +65,10 @@ def folds(labels, groups, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarra
     n_groups = len(np.unique(groups))
     if n_groups < k:
         raise ValueError(f"{k}-fold cross-validation needs at least {k} duplicate groups, found {n_groups}")
+    largest = int(np.unique(labels, return_counts=True)[1].max())
+    if largest < k:
+        raise ValueError(f"{k}-fold stratified cross-validation needs a class with at least {k} images; the largest "
+                         f"has {largest}: lower cv_folds")
     sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(tr, te) for tr, te in sgkf.split(labels, labels, groups)]
 
@@ -156,6 +151,53 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
         confusion=confusion,
         shifts=pd.DataFrame(shift_rows).set_index("fold") if shift_rows else pd.DataFrame(),
         notes=sorted(notes), seconds=time.perf_counter() - start)
+
+
+def to_record(r: ConfigResult) -> dict:
+    """A configuration's result as plain data (what the results cache and cv.json hold)."""
+    return {"config": r.config, "weights": r.weights, "recipe": r.recipe, "notes": list(r.notes), "seconds": r.seconds,
+            "folds": r.folds.to_dict(orient="records"),
+            "per_class": {"columns": list(r.per_class.columns), "rows": r.per_class.to_numpy().tolist()},
+            "confusion": np.asarray(r.confusion).tolist(),
+            "shifts": r.shifts.reset_index().to_dict(orient="records") if len(r.shifts) else []}
+
+
+def from_record(d: dict) -> ConfigResult:
+    per_class = pd.DataFrame(np.asarray(d["per_class"]["rows"], dtype=float), columns=d["per_class"]["columns"],
+                             index=pd.RangeIndex(1, len(d["per_class"]["rows"]) + 1, name="fold"))
+    shifts = pd.DataFrame(d["shifts"]).set_index("fold") if d["shifts"] else pd.DataFrame()
+    return ConfigResult(config=d["config"], weights=d["weights"], recipe=d["recipe"], folds=pd.DataFrame(d["folds"]),
+                        per_class=per_class, confusion=np.asarray(d["confusion"], dtype=np.int64), shifts=shifts,
+                        notes=list(d["notes"]), seconds=float(d["seconds"]))
+
+
+def code_version() -> str:
+    """A digest of the project's code (every lib/*.py file): results computed by other code are not reused."""
+    h = hashlib.sha256()
+    for f in sorted((params.ROOT / "lib").glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def cached(cache_dir: str | Path, key_parts: tuple, run) -> tuple[ConfigResult, bool]:
+    """`run()`'s result, kept as plain JSON under cache_dir and reused when the same key comes again.
+
+    The key covers what the caller passes (configuration, data fingerprint, folds, shifts) and
+    the code version. Returns (result, reused)."""
+    from lib.io import read_json, write_json_atomic
+
+    key = cache_key(*key_parts, code_version())
+    path = Path(cache_dir) / f"{key}.json"
+    if path.is_file():
+        try:
+            record = read_json(path)
+        except ValueError:
+            record = None  # unreadable: computed again and overwritten
+        if isinstance(record, dict) and record.get("key") == key:
+            return from_record(record["result"]), True
+    result = run()
+    write_json_atomic(path, {"key": key, "code_version": code_version(), "result": to_record(result)})
+    return result, False
 
 
 def summary_row(r: ConfigResult) -> dict:

@@ -14,7 +14,6 @@ Training inserts its augmentation between the two steps.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +24,9 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+# The file extensions that name each format Pillow reads (a .png that holds a JPEG is read by its content).
+FORMAT_EXTENSIONS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg"), "BMP": (".bmp",),
+                     "TIFF": (".tif", ".tiff"), "GIF": (".gif",)}
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 # Refuse images that decode to more pixels than this (a decompression bomb guard).
@@ -188,9 +190,8 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def detect_layout(root: Path) -> str:
-    """'presplit' when root holds train/ and test/ (or val/...) folders, else 'unsplit'."""
-    names = {SPLIT_NAMES.get(p.name.lower()) for p in _subfolders(root)}
-    return "presplit" if {"train", "test"} <= names or {"train", "val"} <= names else "unsplit"
+    """'presplit' when root holds split folders (train/, val|valid|validate|validation/, test/), else 'unsplit'."""
+    return "presplit" if any(p.name.lower() in SPLIT_NAMES for p in _subfolders(root)) else "unsplit"
 
 
 def list_images(root: str | Path, classes: list[str], *, aliases=(), unknown_folders: str = "fail"
@@ -198,24 +199,40 @@ def list_images(root: str | Path, classes: list[str], *, aliases=(), unknown_fol
     """All image files of an image-folder tree, as rows (path, class, folder, given_split).
 
     Layouts: `<root>/<class>/...` or `<root>/{train,val|valid|validate|validation,test}/<class>/...`
-    (given_split holds the split then). Class folders match `classes` case-insensitively or
+    (given_split holds the split then; a missing validation or test split is carved out of
+    train later, by duplicate group). Class folders match `classes` case-insensitively or
     through `aliases` ("alias:class"); files in nested folders belong to the class folder
-    they sit in. Folders matching no class are returned as the second frame (path, files);
-    with unknown_folders="fail" they raise instead. Raises DataError naming a missing root,
-    a class without any image file, or a bad alias.
+    they sit in. Folders matching no class (and, in a pre-split tree, top-level folders that
+    are no split) are returned as the second frame (path, files); with unknown_folders="fail"
+    they raise instead. Raises DataError naming a missing root, a pre-split tree without
+    train/, a split named by two folders, a class without any image file, or a bad alias.
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
+        raise DataError(f"dataset folder not found: {root} (set data_dir in your params file to your image folder)")
     lookup = class_lookup(classes, aliases)
+    rows, unmatched = [], []
     if detect_layout(root) == "presplit":
-        parents = [(SPLIT_NAMES[p.name.lower()], p) for p in _subfolders(root) if p.name.lower() in SPLIT_NAMES]
+        parents = []
+        for p in _subfolders(root):
+            split = SPLIT_NAMES.get(p.name.lower())
+            if split is None:
+                unmatched.append({"folder": str(p), "image_files": _count_images(p)})
+            else:
+                parents.append((split, p))
+        given = [s for s, _ in parents]
+        twice = sorted({s for s in given if given.count(s) > 1})
+        if twice:
+            raise DataError(f"{root}: several folders name the {twice} split(s): "
+                            + ", ".join(p.name for s, p in parents if s in twice))
+        if "train" not in given:
+            raise DataError(f"{root} is a pre-split tree ({', '.join(p.name + '/' for _, p in parents)}) without a "
+                            f"train/ folder: add one, or arrange the images one folder per class")
     else:
         parents = [(None, root)]
-    rows, unmatched = [], []
     for split, parent in parents:
         for folder in _subfolders(parent):
-            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = _image_files(folder)
             cls = lookup.get(folder.name.lower())
             if cls is None:
                 unmatched.append({"folder": str(folder), "image_files": len(files)})
@@ -229,14 +246,23 @@ def list_images(root: str | Path, classes: list[str], *, aliases=(), unknown_fol
     missing = [c for c in classes if c not in set(files["class"])]
     if missing:
         raise DataError(f"no image files for class(es) {missing} under {root} "
-                        f"(class folders there: {sorted({f.name for _, p in parents for f in _subfolders(p)})})")
+                        f"(class folders there: {sorted({f.name for _, p in parents for f in _subfolders(p)})}); "
+                        f"add images, or remove the class from `classes`")
     return files, unmatched
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _count_images(folder: Path) -> int:
+    return len(_image_files(folder))
 
 
 def inspect_file(path: str) -> dict:
     """Decode one file completely; report its size, mode, bit depth and intensity, or why it failed."""
-    info = {"bytes": os.path.getsize(path), "width": None, "height": None, "mode": None,
-            "bit_depth": None, "mean": None, "std": None, "readable": False, "reason": ""}
+    info = {"bytes": os.path.getsize(path), "width": None, "height": None, "mode": None, "bit_depth": None,
+            "format": None, "extension_matches": None, "mean": None, "std": None, "readable": False, "reason": ""}
     if info["bytes"] == 0:
         info["reason"] = "empty file (0 bytes)"
         return info
@@ -251,7 +277,10 @@ def inspect_file(path: str) -> dict:
         return info
     from lib.quality import measures
 
-    info.update(width=im.width, height=im.height, mode=im.mode, bit_depth=_bit_depth(im),
+    with Image.open(path) as raw:
+        fmt = raw.format or ""
+    info.update(width=im.width, height=im.height, mode=im.mode, bit_depth=_bit_depth(im), format=fmt,
+                extension_matches=Path(path).suffix.lower() in FORMAT_EXTENSIONS.get(fmt, (Path(path).suffix.lower(),)),
                 mean=float(gray.mean()), std=float(gray.std()), readable=True, **measures(gray))
     return info
 
@@ -304,40 +333,44 @@ def fingerprint_tree(root: str | Path) -> dict:
     return {"root": str(root), "files": n, "sha256": h.hexdigest()}
 
 
-def prepare(params: dict) -> dict:
-    """Make data_dir ready: render the synthetic dataset when asked and when its manifest
-    does not match the requested settings; return the dataset's description."""
+def prepare(P: dict) -> dict:
+    """Make the run's images ready and describe them.
+
+    data_dir set: your folder, checked to exist and never written to. data_dir empty: the
+    embedded synthetic dataset, rendered into synthetic_dir when that folder does not hold
+    a rendering with the same settings. Rendering goes through `lib.io.replace_folder`: it
+    never touches a folder the project did not create (lib.io.OwnershipError names it).
+    """
     import time
 
-    from lib.params import path
+    from lib import io
+    from lib.params import dataset_root
 
-    root = path(params["data_dir"])
-    info: dict = {"data_dir": str(root), "synthetic": params["synthetic"]}
-    if params["synthetic"]:
+    root = dataset_root(P)
+    info: dict = {"data_dir": P["data_dir"], "root": str(root), "synthetic": not P["data_dir"]}
+    if not P["data_dir"]:
         from lib import synthetic
 
-        settings = {"seed": params["seed"], "n_per_class": params["synthetic_per_class"],
-                    "size": params["synthetic_size"], "classes": list(params["classes"]),
-                    "plant_copies": params["synthetic_plant_copies"]}
-        stamp = root / "settings.json"
-        current = json.loads(stamp.read_text()) if stamp.is_file() else None
-        if current is None or current.get("settings") != settings:
+        settings = {"seed": P["seed"], "n_per_class": P["synthetic_per_class"], "size": P["synthetic_size"],
+                    "classes": list(P["classes"]), "plant_copies": P["synthetic_plant_copies"]}
+        current = io.marker(root) or {}
+        if current.get("what") != synthetic.WHAT or current.get("settings") != settings:
             t = time.perf_counter()
-            manifest = synthetic.render_dataset(root, n_per_class=settings["n_per_class"], seed=settings["seed"],
-                                                size=settings["size"], classes=tuple(settings["classes"]),
-                                                workers=2, progress=True)
-            seconds = time.perf_counter() - t
-            if settings["plant_copies"]:
-                from lib.plant import plant_copies
 
-                plant_copies(root, manifest, settings["plant_copies"], settings["seed"])
-            from lib.io import write_text_atomic
+            def finish(folder: Path, manifest: pd.DataFrame) -> dict:
+                if settings["plant_copies"]:
+                    from lib.plant import plant_copies
 
-            write_text_atomic(stamp, json.dumps({"settings": settings, "render_seconds": seconds}, indent=2) + "\n")
-            print(f"rendered the synthetic dataset into {root} in {seconds:.1f} s")
-        info["render_seconds"] = json.loads(stamp.read_text())["render_seconds"]
+                    plant_copies(folder, manifest, settings["plant_copies"], settings["seed"])
+                return {"settings": settings, "render_seconds": time.perf_counter() - t}
+
+            synthetic.render_dataset(root, n_per_class=settings["n_per_class"], seed=settings["seed"],
+                                     size=settings["size"], classes=tuple(settings["classes"]), workers=2,
+                                     progress=True, finish=finish)
+            print(f"rendered the synthetic dataset into {root} in {time.perf_counter() - t:.1f} s")
+        info["render_seconds"] = io.marker(root)["render_seconds"]
     elif not root.is_dir():
-        raise DataError(f"dataset folder not found: {root} (set data_dir in your params file)")
+        raise DataError(f"dataset folder not found: {root} (set data_dir in your params file to your image folder)")
     info["fingerprint"] = fingerprint_tree(root)
     return info
 
@@ -355,12 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", required=True)
     ap.add_argument("--out", required=True, help="dataset description (JSON), rewritten only when it changed")
     args = ap.parse_args(argv)
+    from lib.io import OwnershipError, dumps
+
     try:
         info = prepare(yaml.safe_load(Path(args.params).read_text()))
-    except DataError as e:
+    except (DataError, OwnershipError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_text_if_changed(args.out, json.dumps(info, indent=2) + "\n")
+    write_text_if_changed(args.out, dumps(info))
     return 0
 
 

@@ -3,14 +3,13 @@ bundle's descriptive files (labels, bundle.json manifest, model card)."""
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lib.io import atomic_path, write_text_atomic
+from lib.io import atomic_path, file_digest, write_json_atomic
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, *, size: int, opset: int = 18) -> Path:
@@ -88,7 +87,7 @@ def write_labels(folder: str | Path, classes: list[str]) -> dict[str, Path]:
     if list(enc.classes_) != list(classes):
         raise ValueError(f"class order {classes} differs from LabelEncoder order {list(enc.classes_)}")
     folder = Path(folder)
-    labels = write_text_atomic(folder / "labels.json", json.dumps(list(classes), indent=2) + "\n")
+    labels = write_json_atomic(folder / "labels.json", list(classes))
     with atomic_path(folder / "label_encoder.pkl") as tmp:
         tmp.write_bytes(pickle.dumps(enc))
     return {"labels": labels, "encoder": folder / "label_encoder.pkl"}
@@ -108,46 +107,44 @@ def markdown_table(df) -> str:
     return "\n".join([head, rule, *body])
 
 
-def file_digest(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_bundle_manifest(folder: str | Path, *, review_threshold: float, int8_fit: bool, extra: dict | None = None) -> Path:
     """bundle.json: every file of the bundle with its size and sha256, the default review threshold
-    and whether the INT8 model is fit for use (read by lib.predict)."""
+    and whether the INT8 model is fit for use (read by lib.predict, which checks the digests)."""
     folder = Path(folder)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in sorted(folder.iterdir())
              if p.is_file() and not p.name.startswith(".") and p.name != "bundle.json"}
     manifest = {"review_threshold": review_threshold, "int8_fit": int8_fit, "files": files, **(extra or {})}
-    return write_text_atomic(folder / "bundle.json", json.dumps(manifest, indent=2) + "\n")
+    return write_json_atomic(folder / "bundle.json", manifest)
 
 
-def model_card(*, title: str, date: str, dataset: dict, params: dict, weights: dict, classes: list[str],
-               metrics, int8: dict, latency, compute: dict, sizes: dict, machine: dict, quantization: dict) -> str:
+def model_card(*, title: str, date: str, dataset: dict, params: dict, trained_with: dict, weights: dict,
+               classes: list[str], metrics, int8: dict, latency, compute: dict, sizes: dict, machine: dict) -> str:
     """The bundle's model card (Markdown): what the model is, what it was trained on, how well it does
-    and how fast it runs, with the date. `metrics` and `latency` are DataFrames."""
+    and how fast it runs, with the date and every parameter of the run. `metrics` and `latency` are
+    DataFrames; `params` is the export run's full resolved set, `trained_with` the checkpoint's."""
     fp = dataset.get("fingerprint", {})
-    verdict = ("fit for use" if int8["fit"] else
-               f"**NOT FIT for use**: its macro recall drops by {int8['macro_recall_drop']:.4f}, more than the "
-               f"allowed {int8['max_drop']:.4f}; deploy model.onnx (FP32) instead")
-    keys = ["arch", "width", "image_size", "resize", "alpha_background", "weights", "epochs", "batch_size", "lr",
-            "weight_decay", "dropout", "seed", "calibration_images", "int8_max_recall_drop", "review_threshold"]
-    param_rows = "\n".join(f"| `{k}` | `{params[k]}` |" for k in keys if k in params)
+
+    def points(v):
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    verdict = ("fit for use" if int8["fit"] else "**NOT FIT for use** (" + "; ".join(int8["reasons"]) +
+               "); deploy model.onnx (FP32) instead")
+    param_rows = "\n".join(f"| `{k}` | `{params[k]}` |" for k in sorted(params))
+    differ = sorted(k for k in trained_with if k in params and trained_with[k] != params[k])
+    differ_note = ("" if not differ else "\n\nThe checkpoint was trained with other values of: " +
+                   ", ".join(f"`{k}` = `{trained_with[k]}`" for k in differ) + " (keys the training stage does not read).")
     size_rows = "\n".join(f"| {k} | {v / 1e6:.2f} MB |" for k, v in sizes.items())
+    source = ("the embedded synthetic SEM dataset, rendered by lib/synthetic.py" if dataset.get("synthetic")
+              else "user data")
     return f"""# {title}
 
 Date: {date}
 
 ## Model
-- Architecture: `{params.get('arch')}` (width {params.get('width')}); input `input`, float32
-  [N, 3, {params.get('image_size')}, {params.get('image_size')}]; output `logits` [N, {len(classes)}] (softmax gives probabilities).
-- Classes, in output order: {', '.join(f'`{c}`' for c in classes)} (`labels.json`, `label_encoder.pkl`).
+- Architecture: `{trained_with.get('arch')}` (width {trained_with.get('width')}); input `input`, float32
+  [N, 3, {trained_with.get('image_size')}, {trained_with.get('image_size')}]; output `logits` [N, {len(classes)}] (softmax gives probabilities).
+- Classes, in output order: {', '.join(f'`{c}`' for c in classes)} (`labels.json`; `label_encoder.pkl` only for
+  older scripts that unpickle it).
 - Preprocessing: `preprocessing.json` (the definition in `lib/data.py`; `python -m lib.predict` applies it).
 - Parameters: {compute['parameters']:,}; multiply-adds per image: {compute['macs'] / 1e6:.1f} M (counted by
   torch's FlopCounterMode).
@@ -158,15 +155,16 @@ Date: {date}
 |---|---|
 {size_rows}
 
-`model.int8.onnx`: static INT8 (ONNX Runtime QDQ, per-channel weights), setting `{quantization['setting']}`,
-calibrated on {quantization['calibration_images']} training images, chosen on the {quantization['chosen_on']} split.
-The INT8 model is {verdict}.
+`model.int8.onnx`: static INT8 (ONNX Runtime QDQ, per-channel weights), setting `{int8['setting']}`,
+calibrated on {int8['calibration_images']} training images, chosen on the {int8['chosen_on']} split. On that split its
+macro recall drops by {points(int8['macro_recall_drop'])} points (limit {points(int8['max_recall_drop'])}) and its miss
+rate rises by {points(int8['miss_rate_rise'])} points (limit {points(int8['max_miss_rise'])}): the INT8 model is {verdict}.
 
 ## Data
-- Dataset: `{dataset.get('data_dir')}` ({'synthetic, rendered by lib/synthetic.py' if dataset.get('synthetic') else 'user data'}),
-  {fp.get('files', '?')} files, fingerprint sha256 `{fp.get('sha256', '?')}` (relative path, size and mtime of every file).
+- Dataset: {source} in `{dataset.get('root', dataset.get('data_dir'))}`, {fp.get('files', '?')} files, fingerprint sha256
+  `{fp.get('sha256', '?')}` (relative path, size and mtime of every file).
 
-## Metrics (test split)
+## Metrics
 {markdown_table(metrics)}
 
 ## Latency (ms per call; images/s from the p50)
@@ -178,6 +176,9 @@ Measured on {machine.get('cpu')} ({machine.get('cpu_count')} cores), {machine.ge
 runs on the machine are slower than on an idle one.
 
 ## Parameters of the run
+Every parameter as resolved for this run (`params/base.yaml`, the overlays and command-line settings); the same
+set is in `params.json`, which works as a parameter file to run it again.{differ_note}
+
 | key | value |
 |---|---|
 {param_rows}

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import nbformat
 
-from lib.io import write_text_atomic
+from lib.io import claim, read_json, write_text_atomic
 
 STAGES = [
     ("01_eda", "Dataset inventory: images per class, samples, sizes/modes, intensity per class, unreadable files"),
@@ -26,7 +26,7 @@ STAGES = [
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def stage_seconds(executed: Path) -> float | None:
@@ -42,6 +42,8 @@ def headline(build: Path) -> dict:
     t = _json(build / "train" / "summary.json")
     d = _json(build / "dataset.json")
     return {
+        "dataset": ("your images in " + d["root"] if d.get("root") and not d.get("synthetic")
+                    else f"embedded synthetic dataset ({d['root']})" if d.get("root") else None),
         "test images": m.get("test_images"),
         "test accuracy": m.get("accuracy"),
         "macro recall": m.get("macro_recall"),
@@ -55,11 +57,20 @@ def headline(build: Path) -> dict:
         "INT8 size (MB)": e["int8"]["bytes"] / 1e6 if e.get("int8") else None,
         "ONNX Runtime INT8 batch-1 latency p50 (ms)": next((r["p50_ms"] for r in e.get("latency", [])
                                                             if r["engine"] == "ONNX Runtime INT8" and r["batch"] == 1), None),
-        "INT8 test macro-recall drop": e["int8"]["macro_recall_drop"] if e.get("int8") else None,
-        "INT8 fit for use": e["int8"]["fit"] if e.get("int8") else None,
+        "INT8 fit for use (recall-first gate, validation)": e["int8"]["fit"] if e.get("int8") else None,
+        "INT8 vs FP32, validation: macro-recall drop / miss-rate rise (points)": _pair(e.get("int8"), "macro_recall_drop",
+                                                                                        "miss_rate_rise"),
+        "INT8 vs FP32, test: macro-recall drop / miss-rate rise (points)": _pair(e.get("int8"), "test_macro_recall_drop",
+                                                                                  "test_miss_rate_rise"),
         "CPU": e.get("machine", {}).get("cpu"),
         "dataset render (s)": d.get("render_seconds"),
     }
+
+
+def _pair(record: dict | None, a: str, b: str) -> str | None:
+    if not record:
+        return None
+    return " / ".join("n/a" if record.get(k) is None else f"{100 * record[k]:+.2f}" for k in (a, b))
 
 
 def _fmt(v) -> str:
@@ -91,6 +102,7 @@ th{{background:#f4f4f4}}</style></head><body>
 <tr><th colspan=2>all notebooks</th><th>{total:.1f}</th></tr></table>
 </body></html>
 """
+    claim(reports, "reports folder")
     return write_text_atomic(reports / "index.html", page)
 
 
@@ -99,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build", default="build")
     ap.add_argument("--reports", default="reports")
     args = ap.parse_args(argv)
-    print(build_index(Path(args.build), Path(args.reports)))
+    from lib.io import OwnershipError
+
+    try:
+        print(build_index(Path(args.build), Path(args.reports)))
+    except OwnershipError as e:
+        print(f"error: {e} (REPORTS=...)", file=sys.stderr)
+        return 2
     return 0
 
 

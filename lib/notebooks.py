@@ -11,13 +11,15 @@ success; a failed run leaves `<executed>.failed.ipynb` for inspection.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
 import yaml
 
-from lib.io import atomic_path, write_text_atomic
-from lib.params import ROOT
+from lib.io import atomic_path, claim, write_text_atomic
+from lib.params import RESOLVED_ENV, ROOT
 
 KERNEL = "python3"
 # Cells tagged `hide` vanish from reports; `hide-input` keeps their output only.
@@ -30,8 +32,27 @@ def declared_parameters(notebook: str | Path) -> list[str]:
     return list(papermill.inspect_notebook(str(notebook)))
 
 
-def execute(notebook: str | Path, executed: str | Path, params: dict, *, timeout: int = 3600):
-    """Run `notebook` with `params` (only the declared ones) into `executed`; return the node."""
+@contextlib.contextmanager
+def _environ(name: str, value: str | None):
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def execute(notebook: str | Path, executed: str | Path, params: dict, *, timeout: int = 3600,
+            resolved_file: str | Path | None = None):
+    """Run `notebook` with `params` (only the declared ones) into `executed`; return the node.
+
+    `resolved_file`, the run's full resolved parameter file, is named to the kernel
+    ($SEM_DEFECTS_PARAMS) so that the notebook records every parameter of the run, not only
+    the ones it declares (`lib.params.collect`)."""
     import nbformat
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -41,7 +62,8 @@ def execute(notebook: str | Path, executed: str | Path, params: dict, *, timeout
     executed = Path(executed)
     failed = executed.with_suffix(".failed.ipynb")
     failed.unlink(missing_ok=True)
-    with atomic_path(executed) as tmp:
+    resolved = None if resolved_file is None else str(Path(resolved_file).resolve())
+    with atomic_path(executed) as tmp, _environ(RESOLVED_ENV, resolved):
         out = tmp.with_suffix(".ipynb")
         try:
             nb = papermill.execute_notebook(
@@ -70,22 +92,31 @@ def render_html(executed: str | Path, html: str | Path) -> Path:
     cfg.TagRemovePreprocessor.remove_input_tags = {HIDE_INPUT}
     exporter = HTMLExporter(config=cfg, template_name="lab")
     body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+    claim(Path(html).parent, "reports folder")
     return write_text_atomic(html, body)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("notebook")
-    ap.add_argument("--params", required=True, help="resolved parameter file (python -m lib.params ... --out)")
+    ap.add_argument("--params", required=True, help="the run's resolved parameter file (python -m lib.params ... "
+                    "--out-dir: all.yaml); the notebook gets the keys it declares and records them all")
     ap.add_argument("--executed", required=True, help="where the executed notebook goes")
     ap.add_argument("--html", required=True, help="where the HTML report goes")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = ap.parse_args(argv)
     from papermill.exceptions import PapermillExecutionError
 
+    from lib.io import OwnershipError
+
+    try:  # refuse a reports folder the project did not create before any work is done
+        claim(Path(args.html).parent, "reports folder")
+    except OwnershipError as e:
+        print(f"error: {e} (REPORTS=...)", file=sys.stderr)
+        return 2
     params = yaml.safe_load(Path(args.params).read_text())
     try:
-        execute(args.notebook, args.executed, params, timeout=args.timeout)
+        execute(args.notebook, args.executed, params, timeout=args.timeout, resolved_file=args.params)
     except PapermillExecutionError as e:
         print(f"error: {args.notebook} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
               f"(executed notebook kept at {Path(args.executed).with_suffix('.failed.ipynb')})", file=sys.stderr)

@@ -1,19 +1,22 @@
 """Run parameters: one schema, flat YAML files, validation that names the offending key.
 
 `params/base.yaml` holds the default value of every key in `SCHEMA`; other files are
-overlays merged over it, shallowly and in order (as papermill merges `-f` files).
-Notebooks validate their injected parameters with `collect(globals())` right after the
-`parameters` cell, and save the result beside what they produce with `save`.
+overlays merged over it, shallowly and in order (as papermill merges `-f` files), then
+`--set key=value` settings. The Makefile writes the resolved set to `<build>/params/all.yaml`
+(plus one file per stage with the keys that stage declares, so a stage reruns only when one
+of its keys changes). Notebooks validate their injected parameters with `collect(globals())`
+right after the `parameters` cell; under `make` that returns the run's full resolved set (base,
+overlays and settings), which `save` records beside every artifact.
 
 Command line (used by the Makefile)::
 
-    python -m lib.params params/base.yaml params/smoke.yaml --set build_dir=/tmp/b --out build/params.yaml
+    python -m lib.params params/base.yaml params/smoke.yaml --set build_dir=/tmp/b --out-dir build/params
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +43,14 @@ class Param:
 _NUM = (int, float)
 SCHEMA: dict[str, Param] = {
     # data
-    "data_dir": Param(str, "image-folder root <data_dir>/<class>/*.png (relative to the repository root or absolute)"),
+    "data_dir": Param(str, "your image folder, <data_dir>/<class>/*.png or <data_dir>/<split>/<class>/*.png "
+                           "(relative to the repository root, or absolute); only ever read. Empty: the embedded "
+                           "synthetic dataset, rendered into synthetic_dir"),
     "class_aliases": Param(list, 'folder names that mean a class, as "alias:class" (matched case-insensitively)'),
     "unknown_folders": Param(str, "a folder matching no class: fail the run, or ignore it (listed in the EDA report)",
                              choices=("fail", "ignore")),
-    "synthetic": Param(bool, "render the embedded synthetic SEM dataset into data_dir (false for your own data)"),
+    "synthetic_dir": Param(str, "where the embedded synthetic dataset is rendered when data_dir is empty (a folder the "
+                                "project creates and owns; it refuses any other)"),
     "synthetic_per_class": Param(int, "synthetic images per class"),
     "synthetic_size": Param(int, "synthetic image side in pixels"),
     "synthetic_plant_copies": Param(int, "known copies planted per kind (exact, re-encoded, resized, brightness, "
@@ -127,10 +133,19 @@ SCHEMA: dict[str, Param] = {
     "calibration_images": Param(int, "training images that calibrate the INT8 activation ranges"),
     "quant_calibrations": Param(list, "INT8 calibration methods compared: MinMax, Entropy, Percentile (each with "
                                       "S8S8 / U8S8 and with / without reduce_range)"),
-    "int8_max_recall_drop": Param(_NUM, "largest acceptable test macro-recall drop of INT8 vs FP32 (0.01 = 1 point); "
-                                        "beyond it the INT8 model is marked not fit"),
+    "int8_max_recall_drop": Param(_NUM, "largest acceptable validation macro-recall drop of INT8 vs FP32 (0.01 = 1 "
+                                        "point); beyond it the INT8 model is marked not fit"),
+    "int8_max_miss_rise": Param(_NUM, "largest acceptable validation rise in miss rate (defects called clean) of INT8 "
+                                      "vs FP32 (0.01 = 1 point); beyond it the INT8 model is marked not fit"),
     "bench_threads": Param(int, "threads for the latency benchmark (PyTorch and ONNX Runtime); 0 = every core"),
     "review_threshold": Param(_NUM, "lib.predict flags a prediction for review below this confidence (bundle default)"),
+}
+
+
+# Keys that existed once: naming them gives the reason and the replacement, not just "unknown".
+REMOVED = {
+    "synthetic": "data_dir alone now says which images to use: leave it empty for the embedded synthetic dataset "
+                 "(rendered into synthetic_dir), or set it to your image folder, which is only ever read",
 }
 
 
@@ -143,6 +158,8 @@ def _type_name(t) -> str:
 def check(key: str, value: Any, source: str = "") -> Any:
     """Return value if it fits key's schema entry, else raise ParamError naming key and source."""
     where = f" (in {source})" if source else ""
+    if key in REMOVED:
+        raise ParamError(f"parameter {key!r}{where} was removed: {REMOVED[key]}")
     if key not in SCHEMA:
         raise ParamError(f"unknown parameter {key!r}{where}; known parameters: {', '.join(sorted(SCHEMA))}")
     spec = SCHEMA[key]
@@ -195,12 +212,19 @@ def resolve(*files: str | Path, overrides: dict[str, Any] | None = None) -> dict
 _YAML_TYPES = (str, int, float, bool, list, dict, type(None))
 
 
+# The Makefile's runner (lib.notebooks) names the run's resolved parameter file here, so that a
+# notebook records the full set, not only the keys it declares.
+RESOLVED_ENV = "SEM_DEFECTS_PARAMS"
+
+
 def collect(namespace: dict[str, Any]) -> dict[str, Any]:
-    """Validate the parameters a notebook holds after papermill's injection.
+    """Validate the parameters a notebook holds after papermill's injection; return the full set.
 
     Every user-defined scalar name in `namespace` (the notebook's globals, where only the
-    parameters cell has run so far) must be a known key of the right type. Returns the
-    full resolved set: base.yaml defaults updated with the notebook's values.
+    parameters cell has run so far) must be a known key of the right type. The result is the
+    run's resolved set (the file named by $SEM_DEFECTS_PARAMS: base, overlays and settings, as
+    `make` resolved them) or, for a notebook run by hand, base.yaml, updated with the
+    notebook's own values.
     """
     hidden: set[str] = set()
     try:  # IPython keeps its own names (In, Out, exit, ...) out of the user's view
@@ -215,7 +239,8 @@ def collect(namespace: dict[str, Any]) -> dict[str, Any]:
     }
     for key, value in given.items():
         check(key, value, "notebook parameters")
-    resolved = read_file(BASE)
+    resolved_file = os.environ.get(RESOLVED_ENV)
+    resolved = resolve(resolved_file) if resolved_file else read_file(BASE)
     resolved.update(given)
     return resolved
 
@@ -226,16 +251,44 @@ def path(value: str | Path) -> Path:
     return p if p.is_absolute() else ROOT / p
 
 
-def save(params: dict[str, Any], folder: str | Path, name: str = "params.json") -> Path:
-    """Write the resolved parameters beside the artifacts they produced (atomically)."""
-    from lib.io import write_text_atomic
+def dataset_root(P: dict[str, Any]) -> Path:
+    """The image folder a run reads: data_dir, or synthetic_dir when data_dir is empty."""
+    return path(P["data_dir"] or P["synthetic_dir"])
 
-    return write_text_atomic(Path(folder) / name, json.dumps(params, indent=2, sort_keys=True) + "\n")
+
+def describe_data(P: dict[str, Any]) -> str:
+    """The dataset in words, for reports."""
+    if P["data_dir"]:
+        return f"your images in `{P['data_dir']}`"
+    return f"the embedded synthetic SEM dataset (rendered into `{P['synthetic_dir']}`)"
+
+
+def check_paths(P: dict[str, Any]) -> None:
+    """The build folder must not overlap the image folder (the project never writes among your images)."""
+    build = path(P["build_dir"]).resolve()
+    if P["data_dir"]:
+        data = path(P["data_dir"]).resolve()
+        if build == data or data in build.parents:
+            raise ParamError(f"build_dir {build} lies inside data_dir {data}: the project never writes among your "
+                             f"images; choose a build folder outside it (BUILD=...)")
+        if build in data.parents:
+            raise ParamError(f"data_dir {data} lies inside build_dir {build}, which the project owns and replaces; "
+                             f"keep your images outside it")
+
+
+def save(params: dict[str, Any], folder: str | Path, name: str = "params.json") -> Path:
+    """Write the resolved parameters beside the artifacts they produced (strict JSON, atomically).
+
+    The file is itself a valid parameter overlay: `make all PARAMS=<folder>/params.json` reruns
+    with the same settings."""
+    from lib.io import write_json_atomic
+
+    return write_json_atomic(Path(folder) / name, dict(sorted(params.items())))
 
 
 # Keys the data-preparation step reads (lib.data prepare).
-DATA_KEYS = ("data_dir", "synthetic", "synthetic_per_class", "synthetic_size", "synthetic_plant_copies", "classes",
-             "seed")
+DATA_KEYS = ("data_dir", "synthetic_dir", "synthetic_per_class", "synthetic_size", "synthetic_plant_copies",
+             "classes", "seed", "build_dir")
 
 
 def stage_subsets(resolved: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -267,11 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = dict(_parse_override(s) for s in args.set)
         resolved = resolve(*args.files, overrides=overrides)
+        check_paths(resolved)
     except ParamError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from lib.io import write_text_if_changed
+    from lib.io import OwnershipError, claim, write_text_if_changed
 
+    if args.out or args.out_dir:
+        try:
+            claim(path(resolved["build_dir"]), "build folder")
+        except OwnershipError as e:
+            print(f"error: {e} (BUILD=...)", file=sys.stderr)
+            return 2
     text = yaml.safe_dump(resolved, sort_keys=False)
     if args.out:
         write_text_if_changed(Path(args.out), text)

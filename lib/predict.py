@@ -3,10 +3,13 @@
     python -m lib.predict build/export/model.int8.onnx wafer_42.png scans/ "lot7/**/*.tif" --out predictions.csv
 
 PATHs are files, folders (searched recursively for image files) or glob patterns (`**`
-crosses folders). The bundle is the model's folder: `labels.json` gives the class order and
-`preprocessing.json` the input size, resize policy and alpha background, applied by the one
-definition of preprocessing in `lib.data`; `bundle.json`, when present, gives the default
-review threshold. Images are decoded in parallel worker processes and classified in batches.
+crosses folders). The bundle is the model's folder, written by the export stage: `bundle.json`
+lists every file with its sha256 (the model, `labels.json` and `preprocessing.json` are checked
+against it before anything runs, and a mismatch is refused), the default review threshold and
+whether the INT8 model is fit; `labels.json` gives the class order (the source of truth;
+nothing is unpickled) and `preprocessing.json` the input size, resize policy and alpha
+background, applied by the one definition of preprocessing in `lib.data`. Images are decoded
+in parallel worker processes and classified in batches.
 
 Each file becomes one row: file, predicted class, confidence, top-3, `review` (confidence
 below the threshold) and error. A file that cannot be read becomes a row with its error, and
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 from lib.data import IMAGE_EXTENSIONS, load_gray, normalize
 
@@ -50,25 +53,36 @@ class Bundle:
 
     @classmethod
     def load(cls, model: str | Path) -> "Bundle":
-        """Read labels.json, preprocessing.json and (optional) bundle.json beside the model file."""
+        """Read bundle.json, labels.json and preprocessing.json beside the model file, after checking
+        the model and those files against the sha256 digests bundle.json lists."""
+        from lib.io import file_digest, read_json
+
         model = Path(model)
         if not model.is_file():
             raise BundleError(f"model file not found: {model}")
         folder = model.parent
 
-        def read(name: str, required: bool = True):
+        def read(name: str):
             f = folder / name
             if not f.is_file():
-                if required:
-                    raise BundleError(f"{f} is missing: the model's folder must hold the bundle written by the "
-                                      f"export stage (labels.json, preprocessing.json)")
-                return {}
+                raise BundleError(f"{f} is missing: the model's folder must hold the bundle written by the export "
+                                  f"stage (bundle.json, labels.json, preprocessing.json)")
             try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError as e:
+                return read_json(f)
+            except ValueError as e:
                 raise BundleError(f"{f} is not valid JSON: {e}") from None
 
-        labels, spec, info = read("labels.json"), read("preprocessing.json"), read("bundle.json", required=False)
+        info = read("bundle.json")
+        listed = info.get("files") if isinstance(info, dict) else None
+        if not isinstance(listed, dict):
+            raise BundleError(f"{folder / 'bundle.json'} lacks its list of files and digests")
+        for name in (model.name, "labels.json", "preprocessing.json"):
+            if name not in listed:
+                raise BundleError(f"{folder / name} is not listed in {folder / 'bundle.json'}: not part of this bundle")
+            if (folder / name).is_file() and file_digest(folder / name) != listed[name].get("sha256"):
+                raise BundleError(f"{folder / name} does not match the sha256 in {folder / 'bundle.json'}: the file was "
+                                  f"changed or replaced after export; refusing to use it (export again, or restore it)")
+        labels, spec = read("labels.json"), read("preprocessing.json")
         if not isinstance(labels, list) or not all(isinstance(c, str) for c in labels) or len(labels) < 2:
             raise BundleError(f"{folder / 'labels.json'} must be a list of at least two class names")
         try:
@@ -78,6 +92,11 @@ class Bundle:
             raise BundleError(f"{folder / 'preprocessing.json'} lacks the input shape [N, 3, H, W] ({e!r})") from None
         return cls(model, labels, size, resize, background,
                    float(info.get("review_threshold", DEFAULT_THRESHOLD)), info)
+
+    @property
+    def unfit_int8(self) -> bool:
+        """The model is the INT8 file and the export's recall-first gate marked it not fit."""
+        return self.model.name == "model.int8.onnx" and self.extra.get("int8_fit") is False
 
 
 def expand(paths: list[str]) -> list[tuple[str, str]]:
@@ -124,12 +143,6 @@ def decode(path: str, size: int, resize: str, background: float) -> tuple[np.nda
         return None, f"{type(e).__name__}: {e}".strip()
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
 def _session(model: Path, threads: int):
     import onnxruntime as ort
 
@@ -158,7 +171,7 @@ def predict(bundle: Bundle, items: list[tuple[str, str]], *, threshold: float | 
         if not pending:
             return
         x = normalize(np.stack([g for _, g in pending])[:, None])
-        prob = softmax(sess.run(None, {"input": x})[0].astype(np.float64))
+        prob = softmax(sess.run(None, {"input": x})[0].astype(np.float64), axis=1)
         top = np.argsort(-prob, axis=1)[:, :TOP_K]
         for (row, _), p, t in zip(pending, prob, top):
             row.update(predicted=bundle.classes[t[0]], confidence=float(p[t[0]]),
@@ -202,14 +215,14 @@ def to_frame(rows: list[dict]):
 
 def write(rows: list[dict], out: str | Path) -> Path:
     """Rows to a CSV (top-3 as "class p; ...") or JSON file (top-3 as a list), by the file's extension."""
-    from lib.io import write_text_atomic
+    from lib.io import write_json_atomic, write_text_atomic
 
     out = Path(out)
     if out.suffix.lower() == ".csv":
         return write_text_atomic(out, to_frame(rows).to_csv(index=False))
     if out.suffix.lower() == ".json":
         data = [{**r, "top3": [{"class": c, "probability": p} for c, p in r["top3"]]} for r in rows]
-        return write_text_atomic(out, json.dumps(data, indent=2) + "\n")
+        return write_json_atomic(out, data)
     raise ValueError(f"--out must end in .csv or .json, got {out}")
 
 
@@ -236,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if bundle.unfit_int8:
+        print(f"warning: {bundle.model.parent / 'bundle.json'} marks the INT8 model not fit for use (it lost recall "
+              f"against FP32 on validation); {bundle.model.parent / 'model.onnx'} is the model to deploy",
+              file=sys.stderr)
     rows = predict(bundle, expand(args.paths), threshold=args.threshold, batch_size=args.batch_size,
                    workers=args.workers, threads=args.threads)
     failed = sum(bool(r["error"]) for r in rows)

@@ -11,7 +11,6 @@ synthetic` then loads its body. The cache is reused while the settings match.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ def ensure(P: dict, *, arch: str | None = None, width: float | None = None, buil
     import torch
 
     from lib import data, model as net, synthetic, train
-    from lib.io import write_text_atomic
+    from lib.io import read_json, write_json_atomic
     from lib.params import path as resolve_path
 
     arch = arch or P["arch"]
@@ -39,7 +38,7 @@ def ensure(P: dict, *, arch: str | None = None, width: float | None = None, buil
     out = synthetic_weights_path(build, arch, width)
     settings = {"arch": arch, "width": width, **{k: P[k] for k in KEYS}}
     meta = out.with_suffix(".json")
-    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
+    if out.is_file() and meta.is_file() and read_json(meta).get("settings") == settings:
         return out
     root = build / "pretrain" / f"data_{P['pretrain_per_class']}_{P['synthetic_size']}_{P['seed']}"
     if not (root / "manifest.csv").is_file():
@@ -69,9 +68,8 @@ def ensure(P: dict, *, arch: str | None = None, width: float | None = None, buil
     model.load_state_dict(best["state"])
     net.save_checkpoint(out, model, classes=classes, params=TP, epoch=best["epoch"],
                         weights={"source": "none", "detail": "random initialisation before synthetic pretraining"})
-    write_text_atomic(meta, json.dumps({"settings": settings, "best_epoch": best["epoch"],
-                                        "val_macro_recall": best["val"], "seconds": trained.fit.seconds,
-                                        "torch": torch.__version__}, indent=2) + "\n")
+    write_json_atomic(meta, {"settings": settings, "best_epoch": best["epoch"], "val_macro_recall": best["val"],
+                             "seconds": trained.fit.seconds, "torch": torch.__version__})
     log(f"wrote {out} (synthetic validation macro recall {best['val']:.3f} at epoch {best['epoch']}, "
         f"{trained.fit.seconds:.0f} s)")
     return out

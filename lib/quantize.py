@@ -144,12 +144,14 @@ def quantize(prepared: str | Path, out: str | Path, calib_x: np.ndarray, setting
 
 
 def scores(y_true: np.ndarray, logits: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro recall and miss rate (defect images predicted clean) of logits against labels."""
+    """Accuracy, macro recall and miss rate (defect images predicted clean) of logits against labels.
+
+    None where a figure does not exist (no images; no `clean` class for the miss rate)."""
     from lib.metrics import defect_vs_clean, macro_recall
 
     pred = logits.argmax(1)
-    return {"accuracy": float((pred == y_true).mean()) if len(y_true) else float("nan"),
-            "macro_recall": macro_recall(y_true, pred, len(classes)),
+    return {"accuracy": float((pred == y_true).mean()) if len(y_true) else None,
+            "macro_recall": macro_recall(y_true, pred, len(classes)) if len(y_true) else None,
             "miss_rate": defect_vs_clean(y_true, pred, classes)["miss_rate"]}
 
 
@@ -159,6 +161,29 @@ def fidelity(fp32_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
     diff = np.abs(fp32_logits - int8_logits)
     return {"agreement": float(agree.mean()) if len(agree) else 1.0, "disagreements": int((~agree).sum()),
             "mean_abs_logit_diff": float(diff.mean()) if diff.size else 0.0}
+
+
+def losses(fp32: dict, int8: dict) -> dict:
+    """INT8 against FP32 on one split: the macro-recall drop and the rise in miss rate (points as
+    fractions; negative = INT8 did better; None when the figure does not exist)."""
+    def diff(a, b):
+        return None if a is None or b is None else a - b
+
+    return {"macro_recall_drop": diff(fp32["macro_recall"], int8["macro_recall"]),
+            "miss_rate_rise": diff(int8["miss_rate"], fp32["miss_rate"])}
+
+
+def gate(loss: dict, *, max_recall_drop: float, max_miss_rise: float) -> dict:
+    """Recall-first fitness of an INT8 model from its `losses` on the validation split: fit only when
+    the macro-recall drop and the rise in miss rate both stay within their limits."""
+    reasons = []
+    drop, rise = loss["macro_recall_drop"], loss["miss_rate_rise"]
+    if drop is not None and drop > max_recall_drop + 1e-9:
+        reasons.append(f"macro recall drops by {100 * drop:.2f} points (limit {100 * max_recall_drop:.2f})")
+    if rise is not None and rise > max_miss_rise + 1e-9:
+        reasons.append(f"miss rate rises by {100 * rise:.2f} points (limit {100 * max_miss_rise:.2f})")
+    return {"fit": not reasons, "reasons": reasons, "max_recall_drop": max_recall_drop, "max_miss_rise": max_miss_rise,
+            **loss}
 
 
 def search(prepared: str | Path, calib_x: np.ndarray, settings: list[Setting], evaluate, *,
@@ -177,14 +202,63 @@ def search(prepared: str | Path, calib_x: np.ndarray, settings: list[Setting], e
 
 
 def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreement",
-           speed_col: str | None = "batch1_p50_ms", err_col: str = "mean_abs_logit_diff"):
-    """The setting that loses least: smallest macro-recall drop (a gain counts as no drop, since on a
-    small split a gain is luck), then the highest argmax agreement with FP32; among settings equal
-    on both, the fastest (when `speed_col` is given), then the smallest logit error.
-    Returns the chosen row's index label."""
-    keys = [table[drop_col].clip(lower=0).round(9), -table[agree_col].round(9)]
+           speed_col: str | None = "batch1_p50_ms", err_col: str = "mean_abs_logit_diff",
+           fit_col: str | None = "fit", miss_col: str | None = "miss_rate_rise"):
+    """The setting that loses least, recall first: settings within the gate's limits before the
+    others, then the smallest rise in miss rate, then the smallest macro-recall drop (a gain counts
+    as no loss, since on a small split a gain is luck), then the highest argmax agreement with FP32;
+    among settings equal on all of these, the fastest (when `speed_col` is given), then the smallest
+    logit error. Returns the chosen row's index label."""
+    def col(name):
+        return np.asarray(table[name].astype(float).fillna(0.0), dtype=float)
+
+    keys = []
+    if fit_col is not None and fit_col in table:
+        keys.append(~np.asarray(table[fit_col], dtype=bool))
+    if miss_col is not None and miss_col in table:
+        keys.append(np.clip(col(miss_col), 0, None).round(9))
+    keys += [np.clip(col(drop_col), 0, None).round(9), -col(agree_col).round(9)]
     if speed_col is not None:
-        keys.append(table[speed_col])
-    keys.append(table[err_col])
+        keys.append(col(speed_col))
+    keys.append(col(err_col))
     order = np.lexsort(tuple(np.asarray(k, dtype=float) for k in reversed(keys)))
     return table.index[order[0]]
+
+
+def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], *, x_val: np.ndarray,
+           y_val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, classes: list[str], max_recall_drop: float,
+           max_miss_rise: float, work_dir: str | Path, threads: int = 0, latency_runs: int = 20):
+    """Quantise the FP32 model with every setting, judge each on the validation split, keep the best.
+
+    Each setting is scored against the FP32 model on validation (macro-recall drop, rise in miss
+    rate, whether both are within the gate's limits, argmax agreement, logit error) and on test (the
+    same, for the report only), with a quick batch-1 latency. `choose` picks on the validation
+    columns. Returns (table indexed by setting, the kept setting's name, {setting: model path}).
+    """
+    import pandas as pd
+
+    from lib import benchmark, export
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = export.session(fp32_path, threads)
+    fp32_val, fp32_test = export.run_onnx(fp32, x_val), export.run_onnx(fp32, x_test)
+    base_val, base_test = scores(y_val, fp32_val, classes), scores(y_test, fp32_test, classes)
+    prepared = preprocess(fp32_path, work / "model.prep.onnx")
+
+    def evaluate(path: Path) -> dict:
+        s = export.session(path, threads)
+        on_val, on_test = export.run_onnx(s, x_val), export.run_onnx(s, x_test)
+        val_loss = losses(base_val, scores(y_val, on_val, classes))
+        test_loss = losses(base_test, scores(y_test, on_test, classes))
+        verdict = gate(val_loss, max_recall_drop=max_recall_drop, max_miss_rise=max_miss_rise)
+        f_val, f_test = fidelity(fp32_val, on_val), fidelity(fp32_test, on_test)
+        quick = benchmark.latency({"int8": benchmark.ort_engine(s)}, {1: x_test[:1]}, runs=max(5, latency_runs // 5))
+        return {"macro_recall": scores(y_val, on_val, classes)["macro_recall"], **val_loss, "fit": verdict["fit"],
+                "agreement": f_val["agreement"], "mean_abs_logit_diff": f_val["mean_abs_logit_diff"],
+                "test_macro_recall_drop": test_loss["macro_recall_drop"], "test_miss_rate_rise": test_loss["miss_rate_rise"],
+                "test_agreement": f_test["agreement"], "batch1_p50_ms": quick[0]["p50_ms"]}
+
+    rows, variants = search(prepared, calib_x, settings, evaluate, work_dir=work)
+    table = pd.DataFrame(rows).set_index("setting")
+    return table, choose(table), variants

@@ -13,9 +13,6 @@ import functools
 import math
 import os
 import re
-import shutil
-import tempfile
-import uuid
 import zlib
 from pathlib import Path
 
@@ -1301,16 +1298,26 @@ def _render_task(task):
     return rel, cls, index, params
 
 
+WHAT = "synthetic dataset"  # what lib.io's ownership marker calls a rendered folder
+
+
 def render_dataset(out_dir, *, n_per_class: int | dict = 150, seed: int = 0, size: int = 224,
-                   classes=CLASSES, workers: int = 2, progress: bool = False):
+                   classes=CLASSES, workers: int = 2, progress: bool = False, finish=None):
     """Render out_dir/<class>/<slug>_<index:04d>.png plus out_dir/manifest.csv; return the manifest.
 
     n_per_class is a count per class or a dict class -> count (classes absent from the dict get
     none). Rendering runs in `workers` processes and the output does not depend on that number.
-    Atomic: images go to a temporary sibling folder that replaces out_dir only once complete; on
-    failure the old out_dir is untouched and the temporary folder is removed.
+    `finish(folder, manifest)`, if given, runs on the complete folder before it is swapped in
+    (planting copies, say); the dict it returns joins the folder's ownership record.
+
+    Safe and atomic (`lib.io.replace_folder`): out_dir must be missing, empty, or an earlier
+    rendering holding only what the project wrote; anything else raises lib.io.OwnershipError
+    and is not touched. Images go to a staging folder that replaces out_dir only once complete;
+    on failure the old out_dir is untouched and the staging folder is removed.
     """
     import pandas as pd
+
+    from lib.io import replace_folder
 
     classes = tuple(classes)
     for c in classes:
@@ -1325,10 +1332,9 @@ def render_dataset(out_dir, *, n_per_class: int | dict = 150, seed: int = 0, siz
         counts = {c: int(n_per_class) for c in classes}
     if any(v < 0 for v in counts.values()):
         raise ValueError("n_per_class must be non-negative")
-    out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    manifest = {}
+
+    def fill(tmp: Path) -> dict:
         tasks = []
         for c in classes:
             if counts[c]:
@@ -1360,23 +1366,8 @@ def render_dataset(out_dir, *, n_per_class: int | dict = 150, seed: int = 0, siz
         cols = ["path", "class", "index", "image_seed"] + list(keys)
         df = pd.DataFrame(rows, columns=cols)
         df.to_csv(tmp / "manifest.csv", index=False)
-        os.chmod(tmp, 0o755)  # mkdtemp creates it private
-        old = None
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.rename(old, out)
-            raise
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        return df
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest["df"] = df
+        return finish(tmp, df) if finish is not None else {}
+
+    replace_folder(Path(out_dir), fill, WHAT)
+    return manifest["df"]

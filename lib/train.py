@@ -381,6 +381,49 @@ def set_head(model: nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
         linear.bias.copy_(torch.from_numpy(bias))
 
 
+def probe_history(probe: dict | None, seconds: float) -> "pd.DataFrame":
+    """The training history of a probe: one row, epoch 0, its validation figures and no losses
+    (nothing was trained by gradient descent)."""
+    import pandas as pd
+
+    probe = probe or {}
+    return pd.DataFrame([{"epoch": 0, "train_loss": None, "train_accuracy": None, "val_loss": None,
+                          "val_accuracy": probe.get("val_accuracy"), "val_macro_recall": probe.get("val_macro_recall"),
+                          "lr": 0.0, "seconds": seconds}])
+
+
+def read_curves(history: "pd.DataFrame", *, test_accuracy: float | None = None,
+                best_val_macro_recall: float | None = None) -> list[str]:
+    """The training curves read for over- or under-fitting, as sentences (Markdown).
+
+    A probe (or any history without validation losses) has no curves to read, and says so."""
+    import pandas as pd
+
+    losses = history[["train_loss", "val_loss"]].apply(pd.to_numeric, errors="coerce").dropna()
+    notes = []
+    if losses.empty:
+        notes.append("No training curves to read: the model was not trained by gradient descent (recipe `probe`: a "
+                     "logistic regression on frozen features), or without a validation split.")
+    else:
+        h = history.loc[losses.index]
+        best, last = h.loc[h["val_loss"].astype(float).idxmin()], h.iloc[-1]
+        notes.append(f"Validation loss was lowest at epoch {int(best['epoch'])} ({best['val_loss']:.3f}); at the last "
+                     f"epoch ({int(last['epoch'])}) train loss {last['train_loss']:.3f}, validation loss "
+                     f"{last['val_loss']:.3f}.")
+        if last["val_loss"] > 1.5 * best["val_loss"] and last["train_loss"] < best["train_loss"]:
+            notes.append("Validation loss rose while training loss kept falling: **over-fitting** after the best "
+                         "epoch; the checkpoint from the best epoch is the one evaluated.")
+        elif last["train_accuracy"] < 0.9 and last["val_accuracy"] < 0.9:
+            notes.append("Both training and validation accuracy stay below 0.90: **under-fitting**; more epochs, "
+                         "a larger input or pretrained weights would help.")
+        else:
+            notes.append("Training and validation curves track each other: no strong sign of over- or under-fitting.")
+    if test_accuracy is not None and best_val_macro_recall is not None:
+        notes.append(f"Test accuracy {test_accuracy:.3f} against best validation macro recall "
+                     f"{best_val_macro_recall:.3f}.")
+    return notes
+
+
 # --- One entry point for every recipe: the training notebook and cross-validation share it ---
 
 RECIPES = ("ft", "lpft", "probe")
