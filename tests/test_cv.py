@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from PIL import Image
 
 from conftest import sem_like
@@ -17,6 +17,7 @@ def test_no_group_crosses_folds_and_every_item_is_tested_once(n_groups, k, seed,
     groups = np.repeat(np.arange(n_groups), sizes)
     group_label = np.array(data.draw(st.lists(st.integers(0, 3), min_size=n_groups, max_size=n_groups)))
     labels = group_label[groups]
+    assume(np.bincount(labels).max() >= k)  # stratification needs one class as large as the fold count
     splits = cv.folds(labels, groups, k, seed)
     assert len(splits) == k
     tested = np.concatenate([te for _, te in splits])
@@ -29,6 +30,8 @@ def test_no_group_crosses_folds_and_every_item_is_tested_once(n_groups, k, seed,
 def test_too_few_groups_for_the_folds_is_an_error():
     with pytest.raises(ValueError, match="at least 5 duplicate groups"):
         cv.folds([0, 1, 0], [0, 1, 2], 5, 0)
+    with pytest.raises(ValueError, match="a class with at least 5 images"):
+        cv.folds([0, 0, 0, 0, 1, 1, 1, 1, 2, 2], list(range(10)), 5, 0)
 
 
 def test_augmented_copies_join_their_original_which_is_the_scored_image(tmp_path):

@@ -79,17 +79,22 @@ def test_bundle_manifest_lists_every_file_with_its_digest(tmp_path):
         "bytes": 3, "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
 
 
-def test_model_card_says_when_int8_is_not_fit():
+def test_model_card_says_when_int8_is_not_fit_and_lists_every_parameter():
     import pandas as pd
 
+    run = {"arch": "mobilenet_v2", "width": 0.5, "image_size": 64, "probe_c": 0.37}
     card = export.model_card(
-        title="t", date="2030-01-01", dataset={"data_dir": "d", "synthetic": True, "fingerprint": {"files": 3, "sha256": "f00"}},
-        params={"arch": "mobilenet_v2", "width": 0.5, "image_size": 64}, weights={"source": "none", "detail": "random"},
+        title="t", date="2030-01-01", dataset={"root": "d", "synthetic": True, "fingerprint": {"files": 3, "sha256": "f00"}},
+        params=run, trained_with=run | {"probe_c": 0.5}, weights={"source": "none", "detail": "random"},
         classes=["a", "b"], metrics=pd.DataFrame({"macro recall": [0.9, 0.8]}, index=["FP32", "INT8"]),
-        int8={"fit": False, "macro_recall_drop": 0.1, "max_drop": 0.01}, latency=pd.DataFrame({"p50_ms": [1.0]}),
-        compute={"parameters": 10, "macs": 2e6}, sizes={"model.onnx": 1e6}, machine={"cpu": "x"},
-        quantization={"setting": "U8S8 MinMax", "calibration_images": 4, "chosen_on": "val"})
-    assert "**NOT FIT for use**" in card and "f00" in card and "2030-01-01" in card and "| FP32 | 0.9 |" in card
+        int8={"fit": False, "reasons": ["miss rate rises by 6.25 points (limit 1.00)"], "macro_recall_drop": 0.0,
+              "miss_rate_rise": 0.0625, "max_recall_drop": 0.01, "max_miss_rise": 0.01, "setting": "U8S8 MinMax",
+              "calibration_images": 4, "chosen_on": "val"},
+        latency=pd.DataFrame({"p50_ms": [1.0]}), compute={"parameters": 10, "macs": 2e6}, sizes={"model.onnx": 1e6},
+        machine={"cpu": "x"})
+    assert "**NOT FIT for use** (miss rate rises by 6.25 points" in card
+    assert "f00" in card and "2030-01-01" in card and "| FP32 | 0.9 |" in card
+    assert "| `probe_c` | `0.37` |" in card and "trained with other values of: `probe_c` = `0.5`" in card
 
 
 def test_sweep_notebook_is_stripped_and_reads_only_known_keys():

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageEnhance
 
 from conftest import sem_like
-from lib import leakage
+from lib import data, leakage
 from lib.data import DataError
 
 
@@ -162,14 +162,24 @@ def test_drop_leaks_keeps_the_training_copy():
     assert leakage.drop_leaks(df, matches)["path"].tolist() == ["b", "d"]
 
 
-def test_carved_validation_takes_whole_groups_from_train_only():
+@pytest.mark.parametrize("name", ["val", "test"])
+def test_carved_split_takes_whole_groups_from_train_only(name):
     labels = np.repeat(["a", "b"], 40)
+    other = "test" if name == "val" else "val"
     df = pd.DataFrame({"class": labels, "group": np.arange(80) // 2,
-                       "split": np.where((np.arange(80) // 2) % 5 == 0, "test", "train")})
-    split = leakage.carve_validation(df, 0.2, seed=0)
-    assert set(split[df["split"] == "test"]) == {"test"}
+                       "split": np.where((np.arange(80) // 2) % 5 == 0, other, "train")})
+    split = leakage.carve(df, name, 0.2, seed=0)
+    assert set(split[df["split"] == other]) == {other}
     assert (pd.Series(split).groupby(df["group"]).nunique() == 1).all()
-    assert 0.1 < (split == "val").mean() < 0.3
+    assert 0.1 < (split == name).mean() < 0.3
+
+
+def test_carving_a_small_train_split_holds_out_at_least_one_group_per_fold():
+    # 6 training images per class and a 15 % share: more folds than images per class would
+    # make stratified group k-fold refuse; the held-out share grows instead
+    df = pd.DataFrame({"class": np.repeat(["a", "b", "c"], 6), "group": np.arange(18), "split": "train"})
+    split = leakage.carve(df, "test", 0.15, seed=0)
+    assert 0 < (split == "test").sum() < 18 and set(split) == {"train", "test"}
 
 
 def test_nearest_hamming_matches_brute_force():
@@ -189,3 +199,50 @@ def test_dhash_pairs_need_phash_confirmation():
     assert leakage.dhash_pairs(df, 6, 6).tolist() == [[0, 1]]
     across = leakage.dhash_pairs(df.iloc[:1], 6, 6, df.iloc[1:])
     assert across.tolist() == [[0, 0]]
+
+
+def leaky_presplit(tmp_path):
+    """A pre-split tree (train / val / test) whose test split holds a copy of a training image."""
+    from PIL import Image
+
+    from conftest import sem_like
+
+    root = tmp_path / "d"
+    for s, split in enumerate(("train", "val", "test")):
+        for k, cls in enumerate(("bridge", "vias")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(4 if split == "train" else 2):
+                Image.fromarray(sem_like(1000 * s + 100 * k + i, 64)).save(root / split / cls / f"{cls}_{s}{i}.png")
+    leaked = root / "test" / "vias" / "copy.png"
+    leaked.write_bytes((root / "train" / "vias" / "vias_00.png").read_bytes())
+    files, _ = data.list_images(root, ["bridge", "vias"])
+    df, _ = leakage.audit(files, 6, 6, workers=1)
+    return df, str(leaked)
+
+
+@pytest.mark.parametrize("on_leak", ["fail", "drop", "report"])
+def test_make_split_applies_on_leak_to_a_given_split(tmp_path, on_leak):
+    df, leaked = leaky_presplit(tmp_path)
+    result = leakage.make_split(df, val_ratio=0.15, test_ratio=0.15, seed=0, on_leak=on_leak, phash_threshold=6,
+                                dhash_threshold=6)
+    assert result.presplit and len(result.leaks) >= 1 and result.carved == []
+    if on_leak == "drop":
+        assert result.dropped["path"].tolist() == [leaked] and leaked not in set(result.df["path"])
+        assert len(result.remaining) == 0
+        leakage.check(result, on_leak)
+    elif on_leak == "report":
+        assert leaked in set(result.df["path"]) and len(result.remaining) >= 1
+        leakage.check(result, on_leak)  # reported in the notebook, not raised
+    else:
+        with pytest.raises(leakage.LeakageError, match="copy.png"):
+            leakage.check(result, on_leak)
+
+
+def test_make_split_of_unsplit_data_keeps_groups_whole(image_tree):
+    root, classes = image_tree(n=8)
+    files, _ = data.list_images(root, classes)
+    df, _ = leakage.audit(files, 6, 6, workers=1)
+    result = leakage.make_split(df, val_ratio=0.15, test_ratio=0.15, seed=0, on_leak="fail", phash_threshold=6,
+                                dhash_threshold=6)
+    assert not result.presplit and set(result.df["split"]) == {"train", "val", "test"}
+    assert len(result.remaining) == 0 and result.conflicts.empty

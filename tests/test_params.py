@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from lib import params
+from lib import io, params
 from lib.params import ParamError
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -106,13 +106,14 @@ def test_collect_rejects_an_injected_unknown_key_and_fills_defaults():
 
 
 def test_cli_writes_stage_subsets_only_when_changed(tmp_path):
-    out = tmp_path / "p"
-    assert params.main([str(ROOT / "params" / "smoke.yaml"), "--set", "build_dir=x", "--out-dir", str(out)]) == 0
+    out, build = tmp_path / "p", tmp_path / "b"
+    assert params.main([str(ROOT / "params" / "smoke.yaml"), "--set", f"build_dir={build}", "--out-dir", str(out)]) == 0
     stage = yaml.safe_load((out / "02_leakage_audit.yaml").read_text())
     assert set(stage) == set(parameters_cell(ROOT / "notebooks" / "02_leakage_audit.ipynb"))
-    assert yaml.safe_load((out / "all.yaml").read_text())["build_dir"] == "x"
+    assert yaml.safe_load((out / "all.yaml").read_text())["build_dir"] == str(build)
+    assert io.marker(build)["what"] == "build folder"  # the build folder is claimed before anything is written
     before = (out / "03_training.yaml").stat().st_mtime_ns
-    params.main([str(ROOT / "params" / "smoke.yaml"), "--set", "build_dir=x", "--out-dir", str(out)])
+    params.main([str(ROOT / "params" / "smoke.yaml"), "--set", f"build_dir={build}", "--out-dir", str(out)])
     assert (out / "03_training.yaml").stat().st_mtime_ns == before
 
 

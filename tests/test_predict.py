@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.special import softmax
 
 from conftest import ROOT, sem_like
 from lib import data, export, model as net, predict
@@ -75,7 +76,7 @@ def test_predictions_use_the_bundle_preprocessing(bundle, images):
     assert (b.size, b.resize, b.background, b.classes) == (SIZE, "letterbox", 0.25, CLASSES)
     rows = predict.predict(b, [(str(f), "") for f in good], batch_size=4, workers=0)
     x = data.load_input(good, SIZE, resize="letterbox", background=0.25)
-    prob = predict.softmax(export.run_onnx(export.session(bundle), x).astype(np.float64))
+    prob = softmax(export.run_onnx(export.session(bundle), x).astype(np.float64), axis=1)
     assert [r["predicted"] for r in rows] == [CLASSES[i] for i in prob.argmax(1)]
     np.testing.assert_allclose([r["confidence"] for r in rows], prob.max(1), rtol=1e-5)
     for r in rows:
@@ -136,7 +137,7 @@ def test_a_folder_without_the_bundle_files_is_refused_by_name(tmp_path, bundle, 
     lone = tmp_path / "model.onnx"
     lone.write_bytes(bundle.read_bytes())
     assert predict.main([str(lone), str(tmp_path)]) == 2
-    assert "labels.json is missing" in capsys.readouterr().err
+    assert "bundle.json is missing" in capsys.readouterr().err
     assert predict.main([str(tmp_path / "absent.onnx"), str(tmp_path)]) == 2
     assert predict.main([str(bundle), str(tmp_path), "--out", str(tmp_path / "rows.txt")]) == 2
 
@@ -155,3 +156,52 @@ def test_the_command_line_entry_point(bundle, images):
     assert out.returncode == 1, out.stderr
     assert "img_0.png" in out.stdout and "truncated.png" in out.stdout
     assert "4 files: 1 classified" in out.stderr
+
+
+def copy_bundle(bundle, to):
+    import shutil
+
+    shutil.copytree(bundle.parent, to)
+    return to / bundle.name
+
+
+def test_a_model_that_does_not_match_its_digest_is_refused(tmp_path, bundle, images, capsys):
+    model = copy_bundle(bundle, tmp_path / "b")
+    data = bytearray(model.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte: a damaged or swapped file
+    model.write_bytes(bytes(data))
+    assert predict.main([str(model), str(images[1][0])]) == 2
+    err = capsys.readouterr().err
+    assert "model.onnx does not match the sha256 in" in err and "bundle.json" in err
+
+
+@pytest.mark.parametrize("name", ["labels.json", "preprocessing.json"])
+def test_changed_labels_or_preprocessing_are_refused(tmp_path, bundle, name):
+    model = copy_bundle(bundle, tmp_path / "b")
+    f = model.parent / name
+    f.write_text(f.read_text().replace("bridge", "bridges").replace("letterbox", "stretch"))
+    with pytest.raises(predict.BundleError, match=f"{name} does not match the sha256"):
+        predict.Bundle.load(model)
+
+
+def test_a_model_not_listed_in_the_bundle_is_refused(tmp_path, bundle):
+    model = copy_bundle(bundle, tmp_path / "b")
+    other = model.with_name("other.onnx")
+    other.write_bytes(model.read_bytes())
+    with pytest.raises(predict.BundleError, match="not listed in .*bundle.json"):
+        predict.Bundle.load(other)
+
+
+def test_predict_never_unpickles():
+    source = (ROOT / "lib" / "predict.py").read_text()
+    assert "pickle" not in source.replace("unpickled", "")
+
+
+def test_an_unfit_int8_model_is_used_with_a_warning(tmp_path, bundle, images, capsys):
+    folder = tmp_path / "b"
+    folder.mkdir()
+    make_bundle(folder)
+    (folder / "model.int8.onnx").write_bytes((folder / "model.onnx").read_bytes())
+    export.write_bundle_manifest(folder, review_threshold=0.5, int8_fit=False)
+    assert predict.main([str(folder / "model.int8.onnx"), str(images[1][0]), "--quiet"]) == 0
+    assert "marks the INT8 model not fit" in capsys.readouterr().err

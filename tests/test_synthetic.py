@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lib import synthetic as S  # noqa: E402
+from lib.io import MARKER, OwnershipError  # noqa: E402
 
 DEFECT_CLASSES = [c for c in S.CLASSES if c != "clean"]
 
@@ -183,7 +184,7 @@ def test_render_dataset_tree_manifest_and_worker_independence(tmp_path):
         assert df["class"].value_counts().to_dict() == {c: 2 for c in S.CLASSES}
         man = pd.read_csv(root / "manifest.csv")
         assert list(man.columns) == list(df.columns) and len(man) == len(df)
-        assert sorted(p.name for p in root.iterdir()) == sorted(list(S.CLASSES) + ["manifest.csv"])
+        assert sorted(p.name for p in root.iterdir()) == sorted(list(S.CLASSES) + ["manifest.csv", MARKER])
         for rel in df["path"]:
             with Image.open(root / rel) as im:
                 assert im.mode == "L" and im.size == (64, 64)
@@ -206,14 +207,39 @@ def test_render_dataset_imbalanced_counts(tmp_path):
     assert not (tmp_path / "d" / "bridge").exists()
 
 
-def test_render_dataset_is_atomic(tmp_path, monkeypatch):
+def test_render_dataset_refuses_a_folder_it_did_not_create(tmp_path):
+    out = tmp_path / "data"
+    (out / "vias").mkdir(parents=True)
+    (out / "vias" / "mine.png").write_bytes(b"a user's image")
+    (out / "notes.txt").write_text("old")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(OwnershipError, match=f"{out} .*holds files the project did not create.*notes.txt"):
+        S.render_dataset(out, n_per_class=1, classes=("clean",), size=48, workers=1)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging folder left behind
+
+
+def test_render_dataset_fills_an_empty_folder_in_place_and_replaces_only_its_own(tmp_path):
     out = tmp_path / "data"
     out.mkdir()
-    (out / "keep.txt").write_text("old")
+    S.render_dataset(out, n_per_class=1, classes=("clean",), size=48, workers=1)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "clean", "manifest.csv"]
+    S.render_dataset(out, n_per_class=1, classes=("vias",), size=48, workers=1)  # its own: replaced whole
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "manifest.csv", "vias"]
+    (out / "vias" / "added_by_hand.png").write_bytes(b"x")  # a file the project did not write
+    with pytest.raises(OwnershipError, match="added_by_hand.png"):
+        S.render_dataset(out, n_per_class=1, classes=("clean",), size=48, workers=1)
+    assert (out / "vias" / "added_by_hand.png").read_bytes() == b"x"
+
+
+def test_render_dataset_is_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    S.render_dataset(out, n_per_class=1, classes=("clean",), size=48, workers=1)
+    old = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     # invalid request: nothing touched
     with pytest.raises(ValueError, match="nope"):
         S.render_dataset(out, n_per_class=1, classes=("clean", "nope"), size=48, workers=1)
-    # failure in the middle of rendering: old folder intact, temporary folder removed
+    # failure in the middle of rendering: old folder intact, staging folder removed
     real = S.render_image
 
     def flaky(seed, cls, index, *, size=224):
@@ -226,9 +252,9 @@ def test_render_dataset_is_atomic(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="boom"):
             S.render_dataset(out, n_per_class=2, size=48, workers=workers)
     monkeypatch.undo()
-    assert (out / "keep.txt").read_text() == "old"
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     # success replaces the old folder completely
-    S.render_dataset(out, n_per_class=1, classes=("clean",), size=48, workers=1)
-    assert sorted(p.name for p in out.iterdir()) == ["clean", "manifest.csv"]
+    S.render_dataset(out, n_per_class=1, classes=("vias",), size=48, workers=1)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "manifest.csv", "vias"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -1,0 +1,196 @@
+"""The README's own-data routes, end to end through `make all`, at small size.
+
+Each route runs the five stages to reports, the index and a bundle that `lib.predict` uses, on a user
+folder the tests build (mixed-case class folders, JPEG / TIFF / 16-bit / RGBA files, a notes file,
+one unreadable image), and checks byte for byte that the folder is exactly as it was:
+
+- presplit_probe: the recommended route, `params/own_dataset.example.yaml` copied and pointed at a
+  pre-split folder (train / validate / test), as the README tells a user to;
+- unsplit_lpft: a folder with one sub-folder per class, `recipe: lpft` for one short epoch, the data
+  folder given by a data-only overlay;
+- presplit_no_test: a pre-split folder without test/ (the test split is carved out of train by group),
+  with keys set in an overlay that every stage's record, the checkpoint and the model card must show.
+
+The synthetic smoke route is tests/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from userdata import CLASSES, snapshot, user_folder
+
+pytestmark = pytest.mark.e2e
+
+STAGES = ["01_eda", "02_leakage_audit", "03_training", "04_evaluation", "05_export"]
+SMALL = ROOT / "tests" / "params" / "small.yaml"
+
+
+def make(*args, cwd=ROOT, timeout=900):
+    env = {**os.environ, "MAKEFLAGS": ""}
+    return subprocess.run(["make", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def own_overlay(tmp, data_dir, extra: str = ""):
+    """What the README asks of a user: copy the example and set data_dir."""
+    text = (ROOT / "params" / "own_dataset.example.yaml").read_text()
+    lines = [f"data_dir: {data_dir}" if line.startswith("data_dir:") else line for line in text.splitlines()]
+    out = tmp / "own_dataset.yaml"
+    out.write_text("\n".join(lines) + "\n" + extra)
+    return out
+
+
+def run_route(tmp, params: list, data):
+    before = snapshot(data)
+    args = ["PARAMS=" + " ".join(map(str, params)), f"BUILD={tmp / 'build'}", f"REPORTS={tmp / 'reports'}"]
+    out = make("all", *args)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return {"tmp": tmp, "build": tmp / "build", "reports": tmp / "reports", "data": data, "before": before,
+            "after": snapshot(data), "args": args, "out": out}
+
+
+@pytest.fixture(scope="module")
+def presplit_probe(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("presplit_probe")
+    data = user_folder(tmp / "my-sem")
+    return run_route(tmp, [own_overlay(tmp, data), SMALL], data)
+
+
+@pytest.fixture(scope="module")
+def unsplit_lpft(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("unsplit_lpft")
+    data = user_folder(tmp / "my-sem", splits=())
+    lpft = tmp / "lpft.yaml"
+    lpft.write_text("arch: efficientnet_lite0\nweights: imagenet\nrecipe: lpft\nepochs: 1\nfreeze_blocks: 10\n"
+                    "batch_size: 16\n")
+    only_data = tmp / "data_only.yaml"
+    only_data.write_text(f"data_dir: {data}\n")
+    return run_route(tmp, [SMALL, lpft, only_data], data)
+
+
+# keys a user sets in an overlay that no stage but one declares: every record must still show them
+PROVENANCE = {"probe_c": 0.37, "quality_blur": 17.5, "review_threshold": 0.6}
+
+
+@pytest.fixture(scope="module")
+def presplit_no_test(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("presplit_no_test")
+    data = user_folder(tmp / "my-sem", splits=("train", "validate"), per_split={"train": 6, "validate": 2})
+    extra = "".join(f"{k}: {v}\n" for k, v in PROVENANCE.items())
+    return run_route(tmp, [own_overlay(tmp, data, extra), SMALL], data)
+
+
+ROUTES = ["presplit_probe", "unsplit_lpft", "presplit_no_test"]
+
+
+@pytest.fixture(params=ROUTES)
+def route(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_user_folder_is_unchanged_byte_for_byte(route):
+    assert route["after"] == route["before"]
+
+
+def test_five_reports_index_and_a_bundle(route):
+    for name in STAGES + ["index"]:
+        assert (route["reports"] / f"{name}.html").stat().st_size > 1000, name
+    bundle = json.loads((route["build"] / "export" / "bundle.json").read_text())
+    assert {"model.onnx", "model.int8.onnx", "labels.json", "preprocessing.json"} <= set(bundle["files"])
+
+
+def test_predict_runs_on_the_bundle_and_reproduces_the_evaluation(route, tmp_path):
+    evaluated = pd.read_csv(route["build"] / "eval" / "predictions.csv")
+    out = tmp_path / "rows.csv"
+    run = subprocess.run([sys.executable, "-m", "lib.predict", str(route["build"] / "export" / "model.onnx"),
+                          str(route["data"]), "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    rows = pd.read_csv(out).set_index("file")
+    assert run.returncode == 1 and "broken.png" in rows.index[rows["error"].notna()][0]  # the one unreadable file
+    assert rows["predicted"].notna().sum() == len(rows) - 1
+    got = rows.loc[evaluated["path"], "predicted"].tolist()
+    assert got == evaluated["predicted"].tolist()
+
+
+def test_every_json_written_is_strict(route):
+    from lib.io import read_json
+
+    files = list(route["build"].rglob("*.json"))
+    assert len(files) > 10
+    for f in files:
+        read_json(f)  # NaN or Infinity would raise
+
+
+def test_recommended_route_used_what_it_asked_for(presplit_probe):
+    build = presplit_probe["build"]
+    summary = json.loads((build / "train" / "summary.json").read_text())
+    assert summary["arch"] == "efficientnet_lite0" and summary["recipe"] == "probe"
+    assert summary["weights"]["source"] == "imagenet"
+    split = pd.read_csv(build / "split" / "split.csv")
+    assert set(split["class"]) == set(CLASSES) and set(split["split"]) == {"train", "val", "test"}
+    assert not split["path"].str.endswith("broken.png").any()
+    eda = (presplit_probe["reports"] / "01_eda.html").read_text()
+    assert "broken.png" in eda and "cannot identify image file" in eda
+    assert "<code>Vias</code> → <code>vias</code>" in eda  # the capitalised folder, matched
+    for stage in ("eda", "split", "train", "eval", "export"):
+        record = json.loads((build / stage / "params.json").read_text())
+        assert record["data_dir"] == str(presplit_probe["data"]) and record["arch"] == "efficientnet_lite0"
+        assert record["image_size"] == 64 and record["recipe"] == "probe"
+
+
+def test_unsplit_route_fine_tuned_for_one_epoch(unsplit_lpft):
+    summary = json.loads((unsplit_lpft["build"] / "train" / "summary.json").read_text())
+    assert summary["recipe"] == "lpft" and summary["epochs_run"] == 1 and summary["probe_floor"] is not None
+    split = pd.read_csv(unsplit_lpft["build"] / "split" / "split.csv")
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert "Training curves, read" in (unsplit_lpft["reports"] / "04_evaluation.html").read_text()
+
+
+def test_missing_test_folder_is_carved_out_of_train(presplit_no_test):
+    split = pd.read_csv(presplit_no_test["build"] / "split" / "split.csv")
+    assert set(split["split"]) == {"train", "val", "test"}
+    groups = split.groupby("group")["split"].nunique()
+    assert (groups == 1).all()
+    given = {p: "val" if "/validate/" in p else "train" for p in split["path"]}
+    assert all(given[p] == "train" for p in split.loc[split["split"] == "test", "path"])
+    assert "No test folder given" in (presplit_no_test["reports"] / "02_leakage_audit.html").read_text()
+
+
+def test_an_overlay_value_reaches_every_record_the_checkpoint_and_the_model_card(presplit_no_test):
+    import torch
+
+    build = presplit_no_test["build"]
+    for stage in ("eda", "split", "train", "eval", "export"):
+        record = json.loads((build / stage / "params.json").read_text())
+        for key, value in PROVENANCE.items():
+            assert record[key] == value, (stage, key)
+        assert record["data_dir"] == str(presplit_no_test["data"])
+    ckpt = torch.load(build / "train" / "model.pt", weights_only=True)
+    assert {k: ckpt["params"][k] for k in PROVENANCE} == PROVENANCE
+    card = (build / "export" / "model_card.md").read_text()
+    for key, value in PROVENANCE.items():
+        assert f"| `{key}` | `{value}` |" in card
+    # the record is itself a parameter file that reproduces the run's settings
+    from lib import params
+
+    assert params.resolve(build / "export" / "params.json") == json.loads((build / "export" / "params.json").read_text())
+
+
+def test_int8_gate_is_recall_first_and_shown_beside_test(route):
+    exp = json.loads((route["build"] / "export" / "export.json").read_text())
+    int8 = exp["int8"]
+    assert int8["chosen_on"] == "val"
+    for key in ("macro_recall_drop", "miss_rate_rise", "test_macro_recall_drop", "test_miss_rate_rise", "max_miss_rise"):
+        assert key in int8
+    fit = int8["macro_recall_drop"] <= int8["max_recall_drop"] + 1e-9 and (
+        int8["miss_rate_rise"] is None or int8["miss_rate_rise"] <= int8["max_miss_rise"] + 1e-9)
+    assert int8["fit"] == fit
+    html = (route["reports"] / "05_export.html").read_text()
+    assert "recall-first gate" in html and "miss-rate rise" in html
