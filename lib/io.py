@@ -153,14 +153,34 @@ def _describe(entries: list[Path], n: int = 5) -> str:
     return shown + (f" and {len(entries) - n} more" if len(entries) > n else "")
 
 
+# Folders that hold other things of the project's (each marked itself) besides files it names; they are
+# emptied of what is the project's, never removed whole.
+CONTAINERS = ("build folder", "reports folder", "parent folder")
+# Files the project writes directly into a container (everything else it writes there sits in a marked folder).
+KNOWN_FILES = {"build folder": ("dataset.json",), "reports folder": ("[0-9][0-9]_*.html", "index.html", "sweep.html"),
+               "parent folder": ()}
+
+
+def make_parents(folder: Path) -> None:
+    """Create the missing ancestors of `folder`, marking each one the project creates as its own."""
+    missing = [p for p in reversed(folder.parents) if not p.exists()]
+    for p in missing:
+        p.mkdir()
+        _write_marker(p, "parent folder")
+
+
 def claim(folder: str | Path, what: str) -> Path:
     """Make sure `folder` is the project's: create it (with its marker) when missing, mark it when
-    empty, accept it when marked; otherwise raise OwnershipError naming it and the fix."""
-    folder = Path(folder)
+    empty, accept it when marked (a parent folder the project made takes the new role); otherwise
+    raise OwnershipError naming it and the fix."""
+    folder = Path(folder).absolute()
     if folder.exists() and not folder.is_dir():
         raise OwnershipError(f"{folder} ({what}) exists and is not a folder; choose another path")
     if folder.is_dir():
-        if marker(folder) is not None:
+        record = marker(folder)
+        if record is not None:
+            if record.get("what") == "parent folder" and what != "parent folder":
+                _write_marker(folder, what)
             return folder
         entries = _entries(folder)
         if entries:
@@ -168,7 +188,8 @@ def claim(folder: str | Path, what: str) -> Path:
                 f"{folder} ({what}) already holds files the project did not create ({_describe(entries)}). "
                 f"The project writes only into folders it created, or into empty ones: choose a new or empty "
                 f"folder for the {what}")
-    folder.mkdir(parents=True, exist_ok=True)
+    make_parents(folder)
+    folder.mkdir(exist_ok=True)
     _write_marker(folder, what)
     return folder
 
@@ -238,7 +259,7 @@ def replace_folder(target: str | Path, fill: Callable[[Path], dict | None], what
     """
     target = Path(target).absolute()
     check_replaceable(target, what)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         extra = fill(staging) or {}
@@ -294,41 +315,60 @@ def commit(staging: str | Path) -> Path:
     return target
 
 
-def remove_owned(folder: str | Path) -> bool:
-    """Delete a folder the project created (its marker says so); refuse any other. Returns whether
-    something was removed."""
+def remove_owned(folder: str | Path) -> list[str]:
+    """Delete what the project created in and as `folder`; refuse a folder it did not create.
+
+    A folder the project filled whole (its marker lists the files) goes whole, unless someone put
+    files of their own in it (then it is refused, naming them). A container (build, reports or a
+    parent folder) loses its marked sub-folders (recursively) and the files the project names
+    (KNOWN_FILES); anything else in it stays, and so does the container then. Returns what was removed.
+    """
     folder = Path(folder)
     if not folder.exists():
-        return False
-    if folder.is_symlink() or marker(folder) is None:
+        return []
+    record = None if folder.is_symlink() else marker(folder)
+    if record is None:
         raise OwnershipError(f"{folder} was not created by the project (no {MARKER} in it): not removed")
-    foreign = foreign_entries(folder)
-    if foreign:
-        raise OwnershipError(f"{folder} holds files the project did not write "
-                             f"({_describe([p.relative_to(folder) for p in foreign])}): not removed")
-    shutil.rmtree(folder)
-    return True
-
-
-# The report files the project writes into a reports folder.
-REPORT_GLOBS = ("[0-9][0-9]_*.html", "index.html", "sweep.html")
+    if record.get("what") not in CONTAINERS:
+        foreign = foreign_entries(folder)
+        if foreign:
+            raise OwnershipError(f"{folder} holds files the project did not write "
+                                 f"({_describe([p.relative_to(folder) for p in foreign])}): not removed")
+        shutil.rmtree(folder)
+        return [str(folder)]
+    removed, kept = [], []
+    known = {p for pattern in KNOWN_FILES[record["what"]] for p in folder.glob(pattern) if p.is_file()}
+    for entry in _entries(folder):
+        if entry.is_dir() and not entry.is_symlink() and marker(entry) is not None:
+            try:
+                removed += remove_owned(entry)
+            except OwnershipError:
+                pass
+            if entry.exists():
+                kept.append(entry)
+        elif entry in known:
+            entry.unlink()
+            removed.append(str(entry))
+        else:
+            kept.append(entry)
+    if not kept and not any(p.name in _PLACEHOLDERS for p in folder.iterdir()):
+        (folder / MARKER).unlink()
+        folder.rmdir()
+        removed.append(str(folder))
+    return removed
 
 
 def clean(build: str | Path | None = None, reports: str | Path | None = None, data: str | Path | None = None) -> list[str]:
-    """What `make clean` / `make clean-all` remove: the build folder (if the project's), the report
-    files in the reports folder (if the project's), and the project's datasets directly under `data`."""
+    """What `make clean` / `make clean-all` remove: what the project made in the build and reports
+    folders, and the project's rendered datasets directly under `data`. Nothing else is touched."""
     removed = []
-    if build is not None and remove_owned(build):
-        removed.append(str(build))
-    if reports is not None and Path(reports).is_dir() and marker(reports) is not None:
-        for pattern in REPORT_GLOBS:
-            for f in sorted(Path(reports).glob(pattern)):
-                f.unlink()
-                removed.append(str(f))
+    for folder in (build, reports):
+        if folder is not None:
+            removed += remove_owned(folder)
     if data is not None and Path(data).is_dir():
         for sub in sorted(Path(data).iterdir()):
-            if sub.is_dir() and not sub.is_symlink() and marker(sub) is not None:
-                removed += [str(sub)] if remove_owned(sub) else []
+            if sub.is_dir() and not sub.is_symlink() and (marker(sub) or {}).get("what") == "synthetic dataset":
+                removed += remove_owned(sub)
     return removed
 
 

@@ -113,7 +113,12 @@ def test_a_stage_is_committed_whole_and_a_killed_stage_leaves_the_last_complete_
 
 def test_clean_removes_only_what_the_project_made(tmp_path):
     build = io.claim(tmp_path / "build", "build folder")
-    (build / "x").write_text("artifact")
+    (build / "dataset.json").write_text("{}")
+    io.claim(build / "params", "parameter files")
+    (build / "params" / "all.yaml").write_text("a: 1")
+    out = io.stage_folder(build, "eval")
+    (out / "metrics.json").write_text("{}")
+    io.commit(out)
     reports = io.claim(tmp_path / "reports", "reports folder")
     for name in ("01_eda.html", "index.html", "sweep.html", "my_notes.html"):
         (reports / name).write_text("r")
@@ -123,11 +128,28 @@ def test_clean_removes_only_what_the_project_made(tmp_path):
     (data / "my-sem" / "vias" / "v.png").write_bytes(b"user")
     removed = io.clean(build, reports, data)
     assert not build.exists() and not (data / "synthetic").exists()
-    assert sorted(p.name for p in reports.iterdir()) == [MARKER, "my_notes.html"]
-    assert (data / "my-sem" / "vias" / "v.png").read_bytes() == b"user"
-    assert len(removed) == 5
+    assert sorted(p.name for p in reports.iterdir()) == [MARKER, "my_notes.html"]  # a file the project did not write
+    assert tree(data) == {"my-sem/vias/v.png": b"user", MARKER: (data / MARKER).read_bytes()}
+    assert str(reports / "01_eda.html") in removed and str(data / "synthetic") in removed
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "a").write_text("a")
     assert io.main(["clean", "--build", str(mine)]) == 2
     assert (mine / "a").read_text() == "a"
+
+
+def test_a_container_keeps_what_is_not_the_projects(tmp_path):
+    build = io.claim(tmp_path / "build", "build folder")
+    io.claim(build / "notebooks", "executed notebooks")
+    (build / "notes.txt").write_text("someone's")
+    io.remove_owned(build)
+    assert sorted(p.name for p in build.iterdir()) == [MARKER, "notes.txt"]
+
+
+def test_a_nested_build_folder_makes_its_parent_the_projects(tmp_path):
+    """BUILD=build/own first, then BUILD=build: the parent made for the first is the project's."""
+    io.claim(tmp_path / "build" / "own", "build folder")
+    assert io.marker(tmp_path / "build")["what"] == "parent folder"
+    io.claim(tmp_path / "build", "build folder")  # not refused
+    assert io.marker(tmp_path / "build")["what"] == "build folder"
+    assert tmp_path.exists() and io.marker(tmp_path) is None  # an existing ancestor is not taken over
