@@ -15,7 +15,7 @@ PYTHON  ?= python3.11
 PY      := $(VENV)/bin/python
 ENV     := $(VENV)/.ready
 
-LIB       := $(wildcard lib/*.py)
+LIB       := $(wildcard lib/*.py lib/*/*.py)
 STAGEPAR  := $(BUILD)/params
 DATASET   := $(BUILD)/dataset.json
 NB        := $(BUILD)/notebooks
@@ -34,7 +34,7 @@ INDEX  := $(REPORTS)/index.html
 CV     := $(REPORTS)/06_cross_validation.html
 DATA   ?=
 
-.PHONY: all help env data eda audit train eval export cv pretrain sweep test lab bench clean clean-all FORCE
+.PHONY: all help env data eda audit train eval export cv pretrain sweep test test-unit lab bench clean clean-all FORCE
 
 all: $(INDEX) ## run the whole pipeline and render reports/ (creates the environment if missing)
 
@@ -60,28 +60,32 @@ $(STAGEPAR)/%.yaml: $(STAGEPAR)/all.yaml ;
 # The dataset's fingerprint: renders the embedded synthetic set when data_dir is empty (into
 # synthetic_dir, a folder the project owns; never into one it did not create); rewritten only
 # when the files under the image folder changed. Your own data_dir is only ever read.
-$(DATASET): $(STAGEPAR)/data.yaml lib/synthetic.py lib/plant.py lib/data.py lib/io.py FORCE | $(ENV)
+$(DATASET): $(STAGEPAR)/data.yaml $(wildcard lib/synthetic/*.py) lib/plant.py lib/data.py lib/io.py FORCE | $(ENV)
 	@$(PY) -m lib.data prepare --params $(STAGEPAR)/data.yaml --out $@
 
 data: $(DATASET) ## render the embedded dataset (when data_dir is empty) and fingerprint the image folder
 
-$(EDA): notebooks/01_eda.ipynb $(STAGEPAR)/01_eda.yaml $(DATASET) $(LIB)
+# A stage's own record is a prerequisite of its report: a notebook run by hand (JupyterLab) rewrites
+# <build>/<stage>/params.json after the report, so make knows the stage is no longer what it reported.
+STAGE_RECORD = $(wildcard $(BUILD)/$(1)/params.json)
+
+$(EDA): notebooks/01_eda.ipynb $(STAGEPAR)/01_eda.yaml $(DATASET) $(LIB) $(call STAGE_RECORD,eda)
 	$(RUN_NB)
 eda: $(EDA) ## 01: dataset inventory
 
-$(AUDIT): notebooks/02_leakage_audit.ipynb $(STAGEPAR)/02_leakage_audit.yaml $(EDA) $(LIB)
+$(AUDIT): notebooks/02_leakage_audit.ipynb $(STAGEPAR)/02_leakage_audit.yaml $(EDA) $(LIB) $(call STAGE_RECORD,split)
 	$(RUN_NB)
 audit: $(AUDIT) ## 02: duplicate detection and the leak-free split
 
-$(TRAIN): notebooks/03_training.ipynb $(STAGEPAR)/03_training.yaml $(AUDIT) $(LIB)
+$(TRAIN): notebooks/03_training.ipynb $(STAGEPAR)/03_training.yaml $(AUDIT) $(LIB) $(call STAGE_RECORD,train)
 	$(RUN_NB)
 train: $(TRAIN) ## 03: train MobileNetV2
 
-$(EVAL): notebooks/04_evaluation.ipynb $(STAGEPAR)/04_evaluation.yaml $(TRAIN) $(LIB)
+$(EVAL): notebooks/04_evaluation.ipynb $(STAGEPAR)/04_evaluation.yaml $(TRAIN) $(LIB) $(call STAGE_RECORD,eval)
 	$(RUN_NB)
 eval: $(EVAL) ## 04: test-split metrics, confusion matrices, error gallery
 
-$(EXPORT): notebooks/05_export.ipynb $(STAGEPAR)/05_export.yaml $(TRAIN) $(LIB)
+$(EXPORT): notebooks/05_export.ipynb $(STAGEPAR)/05_export.yaml $(TRAIN) $(LIB) $(call STAGE_RECORD,export)
 	$(RUN_NB)
 export: $(EXPORT) ## 05: ONNX + INT8 export, parity, latency, the deployment bundle
 
@@ -93,9 +97,9 @@ SWEEP_WIDTHS ?= 1.0 0.75 0.5 0.35
 
 sweep: $(STAGEPAR)/all.yaml ## train and export each MobileNetV2 width (SWEEP_WIDTHS), then the frontier in sweep.html
 	@set -e; for w in $(SWEEP_WIDTHS); do \
-	  mkdir -p $(SWEEP)/w$$w; printf 'arch: mobilenet_v2\nwidth: %s\n' $$w > $(SWEEP)/w$$w/width.yaml; \
+	  printf 'arch: mobilenet_v2\nwidth: %s\n' $$w > $(STAGEPAR)/width_$$w.yaml; \
 	  echo "== width $$w -> $(SWEEP)/w$$w"; \
-	  $(MAKE) --no-print-directory all PARAMS="$(PARAMS) $(SWEEP)/w$$w/width.yaml" BUILD=$(SWEEP)/w$$w \
+	  $(MAKE) --no-print-directory all PARAMS="$(PARAMS) $(STAGEPAR)/width_$$w.yaml" BUILD=$(SWEEP)/w$$w \
 	    REPORTS=$(SWEEP)/w$$w/reports; \
 	done
 	$(PY) -m lib.notebooks notebooks/sweep.ipynb --params $(STAGEPAR)/all.yaml --executed $(NB)/sweep.ipynb \
@@ -117,11 +121,15 @@ pretrain: $(STAGEPAR)/all.yaml ## train (or reuse) the synthetic-pretrained body
 $(INDEX): $(EDA) $(AUDIT) $(TRAIN) $(EVAL) $(EXPORT) $(LIB)
 	$(PY) -m lib.index --build $(BUILD) --reports $(REPORTS)
 
-test: $(ENV) ## run the test suite (unit, data and an end-to-end smoke run)
+test: $(ENV) ## run the whole test suite: unit, data and end-to-end (every README route at small size)
 	$(PY) -m pytest
 
+test-unit: $(ENV) ## run the unit tier only (seconds)
+	$(PY) -m pytest -m unit -q
+
+# JupyterLab refuses to start as root (a container's usual user) unless told to.
 lab: $(ENV) ## JupyterLab on the notebooks (lib importable, no path hacks)
-	$(VENV)/bin/jupyter lab --notebook-dir=.
+	$(VENV)/bin/jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: $(ENV) ## benchmark scripts (figures quoted in the README)
 	$(PY) tests/benchmarks/bench_synthetic.py

@@ -82,6 +82,29 @@ def latency(engines: dict[str, Callable[[np.ndarray], object]], inputs: dict[int
     return rows
 
 
+ENGINES = ("PyTorch eager FP32", "ONNX Runtime FP32", "ONNX Runtime INT8")
+
+
+def side_by_side(model, fp32_session, int8_session, x: np.ndarray, *, threads: int, runs: int) -> tuple[list[dict], dict]:
+    """Latency of PyTorch eager FP32, ONNX Runtime FP32 and INT8 on the same images in one run:
+    batch 1 (the first image) and batch 8 (the first eight, repeated when fewer), with the machine
+    and its load average before and after. Returns (rows of `latency`, machine)."""
+    engines = dict(zip(ENGINES, (torch_engine(model, threads), ort_engine(fp32_session), ort_engine(int8_session))))
+    inputs = {1: x[:1], 8: x[np.arange(8) % len(x)]}
+    before = [round(v, 2) for v in os.getloadavg()]
+    rows = latency(engines, inputs, runs=runs, warmup=max(3, runs // 10))
+    info = machine(threads) | {"load_average_before": before}
+    info["load_average_after"] = info.pop("load_average_1_5_15")
+    return rows, info
+
+
+def ratios(rows: list[dict]) -> dict:
+    """INT8 batch-1 latency as a fraction of ONNX Runtime FP32's and of PyTorch eager's."""
+    p50 = {(r["engine"], r["batch"]): r["p50_ms"] for r in rows}
+    return {"INT8 / ORT FP32, batch 1": p50[ENGINES[2], 1] / p50[ENGINES[1], 1],
+            "INT8 / PyTorch eager, batch 1": p50[ENGINES[2], 1] / p50[ENGINES[0], 1]}
+
+
 def torch_engine(model, threads: int):
     """A callable running the PyTorch model eagerly (FP32, inference mode) with `threads` threads."""
     import torch
@@ -132,3 +155,57 @@ def pareto_front(cost, value) -> np.ndarray:
         better = (cost <= cost[i]) & (value >= value[i]) & ((cost < cost[i]) | (value > value[i]))
         keep[i] = not better.any()
     return keep
+
+
+def sweep_table(sweep_dir: str | Path):
+    """Every finished width under sweep_dir (w<width>/eval and export) as two models, FP32 and INT8:
+    test macro recall, miss rate, size, batch-1 latency, batch-8 throughput, whether INT8 is fit.
+    Returns (table indexed by model, unfinished width folders). Raises FileNotFoundError when none finished."""
+    import pandas as pd
+
+    from lib.io import read_json
+
+    sweep_dir = Path(sweep_dir)
+    rows, missing = [], []
+    for folder in sorted(sweep_dir.glob("w*"), key=lambda p: -float(p.name[1:])):
+        exp_file, met_file = folder / "export" / "export.json", folder / "eval" / "metrics.json"
+        if not (exp_file.is_file() and met_file.is_file()):
+            missing.append(folder.name)
+            continue
+        e, m = read_json(exp_file), read_json(met_file)
+        p50 = {(r["engine"], r["batch"]): r["p50_ms"] for r in e["latency"]}
+        common = {"width": e["width"], "parameters": e["compute"]["parameters"], "MMACs": e["compute"]["macs"] / 1e6,
+                  "load average": e["machine"]["load_average_before"][0]}
+        for fmt, engine, recall, miss, size, fit in (
+                ("FP32", ENGINES[1], m["macro_recall"], m["miss_rate"], e["bytes"], True),
+                ("INT8", ENGINES[2], e["int8"]["test"]["macro_recall"], e["int8"]["test"]["miss_rate"],
+                 e["int8"]["bytes"], e["int8"]["fit"])):
+            rows.append(common | {"format": fmt, "test macro recall": recall, "miss rate": miss, "size MB": size / 1e6,
+                                  "batch-1 p50 ms": p50[(engine, 1)], "batch-8 images/s": 8000 / p50[(engine, 8)],
+                                  "fit": fit})
+    if not rows:
+        raise FileNotFoundError(f"no finished width under {sweep_dir} (run `make sweep` first)")
+    table = pd.DataFrame(rows)
+    table["model"] = [f"w{w} {f}" for w, f in zip(table["width"], table["format"])]
+    return table.set_index("model"), missing
+
+
+def smallest_for_targets(table, targets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95)):
+    """For each macro-recall target, the smallest and the fastest usable model that reaches it."""
+    import pandas as pd
+
+    usable = table[table["fit"]]
+    rows = []
+    for t in sorted({round(v, 2) for v in targets}):
+        ok = usable[usable["test macro recall"] >= t]
+        rows.append({"macro recall target": t,
+                     "smallest file": ok["size MB"].idxmin() if len(ok) else "none reaches it",
+                     "fastest (batch 1)": ok["batch-1 p50 ms"].idxmin() if len(ok) else "none reaches it"})
+    return pd.DataFrame(rows).set_index("macro recall target")
+
+
+def frontiers(table) -> dict[str, list[str]]:
+    """The usable models no other beats on macro recall and on batch-1 latency, and on size."""
+    usable = table[table["fit"]]
+    return {col: usable[pareto_front(usable[col], usable["test macro recall"])].sort_values(col).index.tolist()
+            for col in ("batch-1 p50 ms", "size MB")}

@@ -2,7 +2,7 @@
 
 Groups are the leakage audit's duplicate groups (bytes, pixels, name family, perceptual
 hashes), so an original and its offline-augmented copies always sit in the same fold. Each
-configuration trains through `lib.train.train_recipe` (the training notebook's code) on the
+configuration trains through `lib.recipes.train_recipe` (the training notebook's code) on the
 other folds' files, copies included, and is scored on the held-out fold with one image per
 group: its original, not its augmented copies.
 
@@ -47,6 +47,13 @@ def parse_config(text: str, base: dict) -> Config:
     return Config(text=text, overrides=overrides, P={**base, **overrides})
 
 
+def parse_configs(texts: list[str], base: dict) -> list[Config]:
+    """Every configuration line, checked; at least one is needed."""
+    if not texts:
+        raise params.ParamError("cv_configs is empty: name at least one configuration")
+    return [parse_config(t, base) for t in texts]
+
+
 def audit_groups(df: pd.DataFrame, phash_threshold: int, dhash_threshold: int, workers: int = 2) -> pd.DataFrame:
     """Duplicate groups of the files in df (path, class) and which file represents each group.
 
@@ -71,6 +78,27 @@ def folds(labels, groups, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarra
                          f"has {largest}: lower cv_folds")
     sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(tr, te) for tr, te in sgkf.split(labels, labels, groups)]
+
+
+def decoded(paths, sizes, cache_dir: str | Path, data_key: str, *, resize: str, background: float,
+            log=print) -> dict[int, np.ndarray]:
+    """Every image decoded once per input size ({size: [N, 1, size, size]}), kept as .npy files under
+    cache_dir keyed by the data's fingerprint and the preprocessing, so a rerun reads them back."""
+    from lib import data
+    from lib.io import atomic_path
+
+    out = {}
+    for size in sorted(set(sizes)):
+        path = Path(cache_dir) / f"gray_{size}_{cache_key(data_key, size, resize, background)}.npy"
+        t0 = time.perf_counter()
+        if path.is_file():
+            out[size], how = np.load(path), "read from the cache"
+        else:
+            out[size], how = data.cache_gray(paths, size, resize=resize, background=background), "decoded"
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, out[size])
+        log(f"{len(out[size])} images at {size} px {how} in {time.perf_counter() - t0:.1f} s.")
+    return out
 
 
 def cache_key(*parts) -> str:
@@ -99,8 +127,8 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
     weights are computed once and shared by all folds, and by every configuration with the
     same architecture, weights and input size through `feature_cache`.
     """
-    from lib import export, shifts as shift_lib, train
-    from lib.data import normalize
+    from lib import engine, recipes, shifts as shift_lib
+    from lib.preprocess import normalize
 
     n = len(classes)
     rows, per_class, shift_rows = [], [], []
@@ -110,26 +138,30 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
     start = time.perf_counter()
     for f, (tr, te) in enumerate(splits):
         t0 = time.perf_counter()
-        generator = train.seed_everything(cfg.P["seed"] + f, cfg.P["deterministic"])
-        prepared = train.prepare(cfg.P, n, build_dir=build_dir)
+        generator = engine.seed_everything(cfg.P["seed"] + f, cfg.P["deterministic"])
+        prepared = recipes.prepare(cfg.P, n, build_dir=build_dir)
         feats = None
         if prepared.recipe in ("probe", "lpft"):
             key = (cfg.P["arch"], cfg.P["width"], prepared.weights["source"], prepared.weights.get("sha256"),
                    prepared.weights["detail"], cfg.P["image_size"], len(gray))
             cache = feature_cache if feature_cache is not None else {}
             if key not in cache:
-                cache[key] = train.pooled_features(prepared.model, gray, device)
+                cache[key] = recipes.pooled_features(prepared.model, gray, device)
             feats = {"train": cache[key][tr]}
-        trained = train.train_recipe(cfg.P, {"train": gray[tr]}, {"train": y[tr]}, n, device=device,
-                                     generator=generator, progress=progress, build_dir=build_dir,
-                                     prepared=prepared, features=feats)
+        trained = recipes.train_recipe(cfg.P, {"train": gray[tr]}, {"train": y[tr]}, n, device=device,
+                                       generator=generator, progress=progress, build_dir=build_dir,
+                                       prepared=prepared, features=feats)
         weights, recipe = trained.weights["source"], trained.recipe
         notes.update(trained.notes)
         if trained.weights["source"] == "none" and cfg.P["weights"] not in ("none",):
             notes.add(trained.weights["detail"])
         test = te[representative[te]]
         yt = y[test]
-        pred = export.run_torch(trained.model, normalize(gray[test]), device=device).argmax(1)
+
+        def predict(g, model=trained.model):
+            return engine.logits(model, normalize(g), device=device).argmax(1)
+
+        pred = predict(gray[test])
         dvc = defect_vs_clean(yt, pred, classes)
         rows.append({"fold": f + 1, "train images": len(tr), "test groups": len(test),
                      "macro recall": macro_recall(yt, pred, n), "accuracy": float((pred == yt).mean()),
@@ -137,12 +169,8 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
         per_class.append([float((pred[yt == c] == c).mean()) if (yt == c).any() else np.nan for c in range(n)])
         np.add.at(confusion, (yt, pred), 1)
         if shift_names:
-            srow = {"fold": f + 1}
-            for name in shift_names:
-                shifted = shift_lib.apply(name, gray[test], seed=f)
-                sp = export.run_torch(trained.model, normalize(shifted), device=device).argmax(1)
-                srow[name] = macro_recall(yt, sp, n)
-            shift_rows.append(srow)
+            table = shift_lib.robustness(predict, gray[test], yt, classes, names=shift_names, seed=f)
+            shift_rows.append({"fold": f + 1, **table["macro recall"].to_dict()})
         log(f"  fold {f + 1}/{len(splits)}: macro recall {rows[-1]['macro recall']:.3f}, "
             f"{rows[-1]['seconds']:.0f} s")
     return ConfigResult(
@@ -214,3 +242,84 @@ def summary_row(r: ConfigResult) -> dict:
             if name in r.shifts:
                 row[f"{name} drop (points)"] = round(100 * (base - r.shifts[name].mean()), 1)
     return row
+
+
+def assign_folds(df: pd.DataFrame, y: np.ndarray, k: int, seed: int):
+    """`folds` over the duplicate groups, plus each file's fold number (1..k); raises when a group
+    crosses folds (it never should: the check keeps the claim honest)."""
+    splits = folds(y, df["group"], k, seed)
+    fold_of = np.zeros(len(df), int)
+    for f, (_, te) in enumerate(splits):
+        fold_of[te] = f + 1
+    crossing = int(df.assign(fold=fold_of).groupby("group")["fold"].nunique().gt(1).sum())
+    if crossing:
+        raise AssertionError(f"{crossing} duplicate groups cross folds")
+    return splits, fold_of
+
+
+def group_table(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """Files and duplicate groups (each scored once, by its representative) per class."""
+    reps = df["representative"].to_numpy()
+    table = pd.DataFrame({"files": df.groupby("class").size(),
+                          "groups (scored images)": df[reps].groupby("class").size()}).reindex(labels).fillna(0).astype(int)
+    table.loc["all"] = table.sum()
+    return table
+
+
+def run_all(configs: list[Config], gray_by_size: dict, y: np.ndarray, splits, representative: np.ndarray,
+            labels: list[str], *, device, shift_names, build_dir, cache_dir, data_key: str, log=print) -> list[ConfigResult]:
+    """Every configuration on every fold, each result kept as plain JSON under cache_dir (keyed by the
+    configuration, the data, the folds, the shifts and the code version) and reused when it matches,
+    so an interrupted report resumes where it stopped. Synthetic-pretrained bodies are made first."""
+    from lib import pretrain
+
+    for c in configs:
+        pretrain.ready(c.P, build_dir=build_dir, log=log)
+    results, feature_cache = [], {}
+    for c in configs:
+        log(c.text)
+        r, reused = cached(cache_dir, (c.text, sorted(c.P.items()), data_key, len(splits), list(shift_names)),
+                           lambda c=c: run_config(c, gray_by_size[c.P["image_size"]], y, splits, representative,
+                                                  labels, device=device, shift_names=shift_names,
+                                                  build_dir=build_dir, feature_cache=feature_cache, log=log))
+        log(f"  {'reused' if reused else 'ran'}: {r.seconds / 60:.1f} min when run")
+        results.append(r)
+    return results
+
+
+def best(results: list[ConfigResult]) -> ConfigResult:
+    """The configuration with the highest mean macro recall over folds."""
+    return max(results, key=lambda r: r.folds["macro recall"].mean())
+
+
+def per_class_table(results: list[ConfigResult]) -> pd.DataFrame:
+    """Per-class recall, mean over folds, one row per configuration."""
+    return pd.DataFrame({r.config: r.per_class.mean() for r in results}).T
+
+
+def shift_table(results: list[ConfigResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean macro recall over folds unshifted and under each shift (one row per configuration), and the
+    drop from unshifted in points. Empty frames when shifts were not scored."""
+    if not any(len(r.shifts) for r in results):
+        return pd.DataFrame(), pd.DataFrame()
+    table = pd.DataFrame({r.config: pd.concat([pd.Series({"none": r.folds["macro recall"].mean()}), r.shifts.mean()])
+                          for r in results}).T
+    return table, (100 * (table[["none"]].to_numpy() - table)).drop(columns="none")
+
+
+def record(results: list[ConfigResult], df: pd.DataFrame, root, k: int, seconds: float) -> dict:
+    """The record of `cv/cv.json`."""
+    import os
+    import platform
+
+    return {"data_dir": str(root), "load_average_at_end": os.getloadavg(), "cpu_count": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(), "images": int(len(df)),
+            "groups": int(df["group"].nunique()), "folds": k, "seconds": seconds,
+            "configs": [{"config": r.config, "weights": r.weights, "recipe": r.recipe, "seconds": r.seconds,
+                         "notes": r.notes, "macro_recall_mean": float(r.folds["macro recall"].mean()),
+                         "macro_recall_std": float(r.folds["macro recall"].std(ddof=1)),
+                         "accuracy_mean": float(r.folds["accuracy"].mean()),
+                         "miss_rate_mean": float(r.folds["miss rate"].mean()),
+                         "folds": r.folds.to_dict(orient="records"), "per_class_recall": r.per_class.mean().to_dict(),
+                         "confusion": r.confusion.tolist(),
+                         "shifts": {} if not len(r.shifts) else r.shifts.mean().to_dict()} for r in results]}

@@ -1,174 +1,27 @@
-"""Dataset discovery, image decoding and the one definition of preprocessing.
+"""The dataset: finding the images of an image-folder tree, what each file is, the split manifest,
+decoding many files at once, and making the run's images ready (`python -m lib.data prepare`).
 
-An image becomes a network input in two steps, used identically by training, evaluation,
-export and inference:
-
-1. `load_gray(path, size, resize=, background=)`: decode (first frame, EXIF orientation
-   applied), convert to one grayscale channel on a 0-1 scale by the file's bit depth, bring
-   to size × size by the resize policy (stretch, letterbox or centre crop).
-2. `normalize(gray)`: replicate to 3 channels and apply the ImageNet mean/std, giving the
-   float32 [N, 3, H, W] tensor the model (and its ONNX export) takes.
-
-Training inserts its augmentation between the two steps.
+Layouts: one folder per class, or a pre-split tree of train / val / test folders of class folders.
+Your own image folder is only ever read; the embedded synthetic dataset is rendered (by
+`lib.synthetic`) only into a folder the project owns (`lib.io`).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
-# The file extensions that name each format Pillow reads (a .png that holds a JPEG is read by its content).
-FORMAT_EXTENSIONS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg"), "BMP": (".bmp",),
-                     "TIFF": (".tif", ".tiff"), "GIF": (".gif",)}
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-# Refuse images that decode to more pixels than this (a decompression bomb guard).
-MAX_PIXELS = 100_000_000
+from lib.preprocess import FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, bit_depth, decode, load_gray, to_gray
 
 
 class DataError(ValueError):
     """The dataset cannot be used as given; the message names the folder or file."""
-
-
-def _decode(path: str | Path) -> Image.Image:
-    """Open and fully decode an image (first frame), with EXIF orientation applied.
-
-    More than MAX_PIXELS pixels is refused (DecompressionBombError) before decoding.
-    """
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    with warnings.catch_warnings():
-        # Pillow only warns between 1x and 2x its limit; here the limit is the limit
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return _open(path)
-
-
-def _open(path: str | Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.seek(0)
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        im.load()
-        return im.copy()
-
-
-def _bit_depth(im: Image.Image) -> int:
-    return {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(im.mode, 8)
-
-
-RESIZE_POLICIES = ("stretch", "letterbox", "crop")
-
-
-def to_gray(im: Image.Image, background: float = 0.0) -> np.ndarray:
-    """Grayscale float32 array on 0-1 from any PIL mode (alpha composited onto `background`, 0-1)."""
-    mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L"):
-        return np.asarray(im, dtype=np.float32) / 65535.0
-    if mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float32)
-        hi = 65535.0 if a.max(initial=0) > 255 else 255.0
-        return np.clip(a / hi, 0.0, 1.0)
-    if mode == "P":
-        im = im.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA"):
-        level = int(round(255 * background))
-        bg = Image.new("RGBA", im.size, (level, level, level, 255))
-        im = Image.alpha_composite(bg, im.convert("RGBA"))
-    if im.mode != "L":
-        im = im.convert("RGB").convert("L")  # ITU-R 601-2 luma
-    return np.asarray(im, dtype=np.float32) / 255.0
-
-
-def _resize(gray: np.ndarray, w: int, h: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(gray, mode="F").resize((w, h), Image.Resampling.BILINEAR))
-
-
-def fit_square(gray: np.ndarray, size: int, resize: str = "stretch") -> np.ndarray:
-    """Bring a grayscale array to size x size by one of RESIZE_POLICIES.
-
-    stretch: ignore the aspect ratio; letterbox: fit the long side, pad the rest with the
-    image's mean; crop: fit the short side, cut the centre.
-    """
-    h, w = gray.shape
-    if resize == "stretch" or (h == w):
-        return gray if gray.shape == (size, size) else _resize(gray, size, size)
-    if resize == "letterbox":
-        f = size / max(h, w)
-        nw, nh = max(1, round(w * f)), max(1, round(h * f))
-        out = np.full((size, size), gray.mean(), np.float32)
-        y, x = (size - nh) // 2, (size - nw) // 2
-        out[y : y + nh, x : x + nw] = _resize(gray, nw, nh)
-        return out
-    if resize == "crop":
-        f = size / min(h, w)
-        nw, nh = max(size, round(w * f)), max(size, round(h * f))
-        big = _resize(gray, nw, nh)
-        y, x = (nh - size) // 2, (nw - size) // 2
-        return big[y : y + size, x : x + size]
-    raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
-
-
-def load_gray(path: str | Path, size: int, *, resize: str = "stretch", background: float = 0.0) -> np.ndarray:
-    """Decode `path` to a (size, size) float32 grayscale array on 0-1 (bilinear, antialiased)."""
-    gray = fit_square(to_gray(_decode(path), background), size, resize)
-    return np.clip(gray, 0.0, 1.0).astype(np.float32, copy=False)
-
-
-def normalize(gray):
-    """[N, 1, H, W] or [1, H, W] grayscale on 0-1 -> 3-channel ImageNet-normalised float32.
-
-    Works on numpy arrays and torch tensors alike.
-    """
-    mean = np.asarray(MEAN, dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(STD, dtype=np.float32).reshape(3, 1, 1)
-    if isinstance(gray, np.ndarray):
-        return ((gray.astype(np.float32) - mean) / std).astype(np.float32)
-    import torch
-
-    return (gray - torch.from_numpy(mean).to(gray.device)) / torch.from_numpy(std).to(gray.device)
-
-
-def load_input(paths, size: int, *, resize: str = "stretch", background: float = 0.0) -> np.ndarray:
-    """Files -> the model's input batch, float32 [N, 3, size, size]."""
-    gray = np.stack([load_gray(p, size, resize=resize, background=background) for p in paths])[:, None]
-    return normalize(gray)
-
-
-def preprocessing_spec(size: int, *, resize: str = "stretch", background: float = 0.0) -> dict:
-    """How to turn an image file into the model input, stated for other runtimes."""
-    return {
-        "input_name": "input",
-        "layout": "NCHW",
-        "dtype": "float32",
-        "shape": [None, 3, size, size],
-        "steps": [
-            "decode the file's first frame; apply its EXIF orientation",
-            "convert to one grayscale channel: 16-bit images divided by 65535, 8-bit by 255; "
-            "RGB by ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B); alpha composited onto a gray "
-            f"background of {background} (0-1 scale)",
-            {"stretch": f"resize to {size}x{size} pixels with bilinear interpolation (antialiased when "
-                        "shrinking), ignoring the aspect ratio",
-             "letterbox": f"resize so the long side is {size} pixels (bilinear), then pad to {size}x{size}, "
-                          "centred, with the image's mean intensity",
-             "crop": f"resize so the short side is {size} pixels (bilinear), then cut the central "
-                     f"{size}x{size}"}[resize],
-            "replicate the grayscale channel to 3 channels",
-            "per channel c: (x - mean[c]) / std[c]",
-        ],
-        "resize": resize,
-        "alpha_background": background,
-        "mean": list(MEAN),
-        "std": list(STD),
-        "value_range_before_normalization": [0.0, 1.0],
-        "output": "logits, float32 [N, n_classes]; softmax gives probabilities; class order in labels.json",
-    }
 
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val", "test": "test"}
@@ -267,7 +120,7 @@ def inspect_file(path: str) -> dict:
         info["reason"] = "empty file (0 bytes)"
         return info
     try:
-        im = _decode(path)
+        im = decode(path)
         gray = to_gray(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         info["reason"] = f"too many pixels: {e}"
@@ -279,7 +132,7 @@ def inspect_file(path: str) -> dict:
 
     with Image.open(path) as raw:
         fmt = raw.format or ""
-    info.update(width=im.width, height=im.height, mode=im.mode, bit_depth=_bit_depth(im), format=fmt,
+    info.update(width=im.width, height=im.height, mode=im.mode, bit_depth=bit_depth(im), format=fmt,
                 extension_matches=Path(path).suffix.lower() in FORMAT_EXTENSIONS.get(fmt, (Path(path).suffix.lower(),)),
                 mean=float(gray.mean()), std=float(gray.std()), readable=True, **measures(gray))
     return info
@@ -293,12 +146,71 @@ def inventory(root: str | Path, classes: list[str], workers: int = 2, **kwargs) 
     return pd.concat([files, pd.DataFrame(infos)], axis=1), unmatched
 
 
-def load_split(split_csv: str | Path) -> pd.DataFrame:
-    """The split manifest written by the leakage audit (path, class, split, group ...)."""
-    split_csv = Path(split_csv)
+def describe_layout(inventory: pd.DataFrame) -> str:
+    """The layout an inventory came in, in words."""
+    given = sorted(inventory["given_split"].dropna().unique())
+    if given:
+        return (f"pre-split ({', '.join(given)}; a missing validation or test split is carved out of train by the "
+                f"leakage audit)")
+    return "one folder per class (split made by the leakage audit)"
+
+
+def class_counts(readable: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """Readable images per class (and per given split), each class's share, the folders matched to a
+    class by case or alias, and the imbalance ratio (largest / smallest class). A class without a
+    readable image raises DataError naming it."""
+    counts = readable["class"].value_counts().reindex(classes, fill_value=0).rename("images").to_frame()
+    if readable["given_split"].notna().any():
+        counts = counts.join(pd.crosstab(readable["class"], readable["given_split"])).fillna(0).astype(int)
+    empty = counts.index[counts["images"] == 0].tolist()
+    if empty:
+        raise DataError(f"no readable images for class(es) {empty}: every file of theirs is unreadable")
+    counts["share"] = (counts["images"] / counts["images"].sum()).round(3)
+    renamed = readable.loc[readable["folder"] != readable["class"], ["folder", "class"]].drop_duplicates()
+    return counts, renamed.reset_index(drop=True), float(counts["images"].max() / counts["images"].min())
+
+
+def image_properties(readable: pd.DataFrame, classes: list[str]) -> dict[str, pd.DataFrame]:
+    """Image sizes (one column per size, or per-class width / height statistics when there are many),
+    modes and bit depths per class."""
+    sizes = readable["width"].astype(int).astype(str) + "×" + readable["height"].astype(int).astype(str)
+    if sizes.nunique() <= 12:
+        size_table = pd.crosstab(readable["class"], sizes).reindex(classes)
+    else:  # many sizes: summarise them per class instead of one column each
+        size_table = readable.groupby("class")[["width", "height"]].describe(percentiles=[0.5]).round(0).reindex(classes)
+    return {"size": size_table, **{col: pd.crosstab(readable["class"], readable[col]).reindex(classes)
+                                   for col in ("mode", "bit_depth")}}
+
+
+def load_split(build_dir: str | Path, classes: list[str] | None = None) -> pd.DataFrame:
+    """The split manifest the leakage audit wrote (<build_dir>/split/split.csv: path, class, split,
+    group ...); with `classes`, every class in it must be one of them."""
+    split_csv = Path(build_dir) / "split" / "split.csv"
     if not split_csv.is_file():
         raise DataError(f"split manifest not found: {split_csv} (run the leakage audit stage first)")
-    return pd.read_csv(split_csv)
+    split = pd.read_csv(split_csv)
+    unknown = sorted(set(split["class"]) - set(classes or split["class"]))
+    if unknown:
+        raise DataError(f"{split_csv} holds classes not in the class list: {unknown}")
+    return split
+
+
+@dataclass
+class Part:
+    """One split of the manifest, decoded: its rows, grayscale images [N, 1, size, size] on 0-1 and labels."""
+
+    rows: pd.DataFrame
+    gray: np.ndarray
+    y: np.ndarray
+
+
+def load_part(split: pd.DataFrame, name: str, labels: list[str], size: int, *, resize: str = "stretch",
+              background: float = 0.0) -> Part:
+    """The rows of split `name` ("train", "val" or "test") decoded once by the one preprocessing, with
+    label indices in `labels` order."""
+    rows = split[split["split"] == name].reset_index(drop=True)
+    gray = cache_gray(rows["path"], size, resize=resize, background=background)
+    return Part(rows, gray, rows["class"].map({c: i for i, c in enumerate(labels)}).to_numpy())
 
 
 def cache_gray(paths, size: int, *, resize: str = "stretch", background: float = 0.0, workers: int = 2) -> np.ndarray:
@@ -331,6 +243,14 @@ def fingerprint_tree(root: str | Path) -> dict:
             h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             n += 1
     return {"root": str(root), "files": n, "sha256": h.hexdigest()}
+
+
+def description(build_dir: str | Path) -> dict:
+    """What `python -m lib.data prepare` recorded about the run's images (<build_dir>/dataset.json), or {}."""
+    from lib.io import read_json
+
+    f = Path(build_dir) / "dataset.json"
+    return read_json(f) if f.is_file() else {}
 
 
 def prepare(P: dict) -> dict:

@@ -41,29 +41,34 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, size: int, opset: i
     return path
 
 
-def session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session for the model at path."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+class ExportError(RuntimeError):
+    """The exported model does not reproduce the PyTorch model; the message says on how many images."""
 
 
-def run_onnx(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Logits for input x [N, 3, H, W], in batches."""
-    outs = [sess.run(["logits"], {"input": x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+def graph_summary(path: str | Path):
+    """The exported graph at a glance: file size, opset, input and output signatures, node count."""
+    import onnx
+    import pandas as pd
+
+    proto = onnx.load(str(path))
+
+    def dims(value_info):
+        return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+    return pd.DataFrame({
+        "file": [Path(path).name], "bytes": [Path(path).stat().st_size], "opset": [proto.opset_import[0].version],
+        "input": [f"{proto.graph.input[0].name} {dims(proto.graph.input[0])}"],
+        "output": [f"{proto.graph.output[0].name} {dims(proto.graph.output[0])}"],
+        "nodes": [len(proto.graph.node)], "onnx.checker": ["passed (full_check=True)"],
+    }).T.rename(columns={0: ""})
 
 
-@torch.inference_mode()
-def run_torch(model: torch.nn.Module, x: np.ndarray, batch_size: int = 64, device="cpu") -> np.ndarray:
-    """Logits of a PyTorch model for input x [N, 3, H, W], in batches, on `device`."""
-    model = model.eval().to(device)
-    outs = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy()
-            for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs)
+def check_parity(torch_logits: np.ndarray, onnx_logits: np.ndarray) -> dict:
+    """`parity`, raising ExportError unless ONNX Runtime picks the same class as PyTorch on every image."""
+    par = parity(torch_logits, onnx_logits)
+    if par["argmax_agreement"] < 1.0:
+        raise ExportError(f"ONNX Runtime disagrees with PyTorch on {par['disagreements']} of {par['images']} images")
+    return par
 
 
 def parity(torch_logits: np.ndarray, onnx_logits: np.ndarray) -> dict:
@@ -107,6 +112,20 @@ def markdown_table(df) -> str:
     return "\n".join([head, rule, *body])
 
 
+def write_bundle(folder: str | Path, *, labels: list[str], spec: dict, summary: dict, card: str,
+                 review_threshold: float, int8_fit: bool, extra: dict) -> Path:
+    """Everything beside the two models: labels.json (and the LabelEncoder pickle), preprocessing.json,
+    export.json, model_card.md, then bundle.json, which lists them all with their digests."""
+    from lib.io import write_text_atomic
+
+    folder = Path(folder)
+    write_labels(folder, labels)
+    write_json_atomic(folder / "preprocessing.json", spec)
+    write_json_atomic(folder / "export.json", summary)
+    write_text_atomic(folder / "model_card.md", card)
+    return write_bundle_manifest(folder, review_threshold=review_threshold, int8_fit=int8_fit, extra=extra)
+
+
 def write_bundle_manifest(folder: str | Path, *, review_threshold: float, int8_fit: bool, extra: dict | None = None) -> Path:
     """bundle.json: every file of the bundle with its size and sha256, the default review threshold
     and whether the INT8 model is fit for use (read by lib.predict, which checks the digests)."""
@@ -145,7 +164,7 @@ Date: {date}
   [N, 3, {trained_with.get('image_size')}, {trained_with.get('image_size')}]; output `logits` [N, {len(classes)}] (softmax gives probabilities).
 - Classes, in output order: {', '.join(f'`{c}`' for c in classes)} (`labels.json`; `label_encoder.pkl` only for
   older scripts that unpickle it).
-- Preprocessing: `preprocessing.json` (the definition in `lib/data.py`; `python -m lib.predict` applies it).
+- Preprocessing: `preprocessing.json` (the definition in `lib/preprocess.py`; `python -m lib.predict` applies it).
 - Parameters: {compute['parameters']:,}; multiply-adds per image: {compute['macs'] / 1e6:.1f} M (counted by
   torch's FlopCounterMode).
 - Initial weights: `{weights.get('source')}`: {weights.get('detail')}{f" (sha256 {weights['sha256']})" if weights.get('sha256') else ''}

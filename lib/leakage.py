@@ -32,7 +32,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lib.data import DataError, _decode, to_gray
+from lib.data import DataError
+from lib.preprocess import decode, to_gray
 
 DETECTORS = ("sha256", "pixels", "name", "phash", "dhash")
 SPLITS = ("train", "val", "test")
@@ -77,7 +78,7 @@ def fingerprint(path: str) -> dict:
     """File-byte SHA-256, decoded-pixel SHA-256, 64-bit pHash and 64-bit dHash of one file."""
     with open(path, "rb") as f:
         raw = f.read()
-    gray = to_gray(_decode(path))
+    gray = to_gray(decode(path))
     q = np.round(gray * 65535).astype("<u2")
     pix = hashlib.sha256(np.asarray(q.shape, "<u4").tobytes() + q.tobytes()).hexdigest()
     im8 = Image.fromarray(np.round(gray * 255).astype(np.uint8), mode="L")
@@ -317,6 +318,42 @@ def representatives(df: pd.DataFrame) -> np.ndarray:
     mask = np.zeros(len(df), bool)
     mask[df.index.get_indexer(order.drop_duplicates("group").index)] = True
     return mask
+
+
+def pair_counts(df: pd.DataFrame, pairs: dict[str, np.ndarray], dhash_threshold: int) -> pd.DataFrame:
+    """Linked pairs per detector, and how many dHash alone would have linked without pHash's confirmation."""
+    found = pd.DataFrame({"detector": list(pairs), "linked pairs": [len(p) for p in pairs.values()]})
+    alone = hamming_pairs(df["dhash"].to_numpy(np.uint64), dhash_threshold)
+    found.loc[len(found)] = ["dhash alone (not used: no pHash confirmation)", len(alone)]
+    return found
+
+
+def group_sizes(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """How many groups hold how many files, and a few numbers about them."""
+    sizes = df.groupby("group").size()
+    table = sizes.value_counts().sort_index().rename_axis("files in group").rename("groups").to_frame().T
+    return table, {"groups": int(df["group"].nunique()), "files": len(df), "shared": int((sizes > 1).sum()),
+                   "largest": int(sizes.max())}
+
+
+def split_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Files per class and split, with the test share."""
+    table = pd.crosstab(df["class"], df["split"]).reindex(columns=list(SPLITS)).fillna(0).astype(int)
+    table.loc["all"] = table.sum()
+    table["test share"] = (table["test"] / table.sum(axis=1)).round(3)
+    return table
+
+
+def save_split(result: "SplitResult", folder) -> None:
+    """split.csv (path, class, split, group, the hashes as hex, size) and conflicts.csv into folder."""
+    from pathlib import Path
+
+    cols = ["path", "class", "split", "group", "sha256", "pixels", "phash", "dhash", "name_key", "width", "height"]
+    out = result.df[cols].copy()
+    for col in ("phash", "dhash"):
+        out[col] = [f"{int(v):016x}" for v in result.df[col]]
+    out.to_csv(Path(folder) / "split.csv", index=False)
+    result.conflicts.reindex(columns=["path", "class", "group"]).to_csv(Path(folder) / "conflicts.csv", index=False)
 
 
 def label_conflicts(df: pd.DataFrame) -> pd.DataFrame:

@@ -55,15 +55,15 @@ def defect_vs_clean(y_true, y_pred, classes: list[str], clean: str = CLEAN) -> d
             "missed": missed, "defects": n_def, "false_alarms": alarms, "cleans": n_clean}
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sensible for the tiny per-class counts of SEM test sets)."""
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (scipy), sensible for the tiny per-class counts of SEM
+    test sets; (nan, nan) when there is nothing to count."""
     if n == 0:
         return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z**2 / n
-    centre = (p + z**2 / (2 * n)) / denom
-    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def coverage_curve(y_true, y_pred, confidence) -> pd.DataFrame:

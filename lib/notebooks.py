@@ -1,4 +1,5 @@
-"""Execute a stage notebook headless with papermill and render it to HTML, the same way every time.
+"""Running the notebooks: execute a stage notebook headless with papermill and render it to an HTML
+report for readers, the same way every time.
 
     python -m lib.notebooks notebooks/01_eda.ipynb --params build/params.yaml \
         --executed build/nb/01_eda.ipynb --html reports/01_eda.html
@@ -22,8 +23,10 @@ from lib.io import atomic_path, claim, write_text_atomic
 from lib.params import RESOLVED_ENV, ROOT
 
 KERNEL = "python3"
-# Cells tagged `hide` vanish from reports; `hide-input` keeps their output only.
-HIDE_CELL, HIDE_INPUT = "hide", "hide-input"
+# Reports show outputs, not code: every input is left out, and these cells vanish whole (the
+# parameters cell, papermill's injected one, and plumbing tagged `hide`). The executed notebooks
+# under <build_dir>/notebooks keep everything, for those who want the code.
+HIDDEN_CELLS = ("parameters", "injected-parameters", "hide")
 
 
 def declared_parameters(notebook: str | Path) -> list[str]:
@@ -81,16 +84,21 @@ def execute(notebook: str | Path, executed: str | Path, params: dict, *, timeout
 
 
 def render_html(executed: str | Path, html: str | Path) -> Path:
-    """Executed notebook -> standalone HTML report (images embedded, plumbing cells hidden)."""
+    """Executed notebook -> standalone HTML report for readers: images embedded, code and prompts left
+    out, the parameter and plumbing cells removed by tag (nbconvert's TagRemovePreprocessor), and
+    nothing fetched from the network (lib/report_template: the lab template without CDN scripts)."""
     import nbformat
     from nbconvert import HTMLExporter
     from traitlets.config import Config
 
     cfg = Config()
     cfg.TagRemovePreprocessor.enabled = True
-    cfg.TagRemovePreprocessor.remove_cell_tags = {HIDE_CELL}
-    cfg.TagRemovePreprocessor.remove_input_tags = {HIDE_INPUT}
-    exporter = HTMLExporter(config=cfg, template_name="lab")
+    cfg.TagRemovePreprocessor.remove_cell_tags = set(HIDDEN_CELLS)
+    cfg.TemplateExporter.exclude_input = True
+    cfg.TemplateExporter.exclude_input_prompt = True
+    cfg.TemplateExporter.exclude_output_prompt = True
+    cfg.HTMLExporter.extra_template_basedirs = [str(Path(__file__).parent)]
+    exporter = HTMLExporter(config=cfg, template_name="report_template")
     body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
     claim(Path(html).parent, "reports folder")
     return write_text_atomic(html, body)
@@ -111,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # refuse a reports folder the project did not create before any work is done
         claim(Path(args.html).parent, "reports folder")
+        claim(Path(args.executed).parent, "executed notebooks")
     except OwnershipError as e:
         print(f"error: {e} (REPORTS=...)", file=sys.stderr)
         return 2

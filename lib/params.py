@@ -263,6 +263,16 @@ def describe_data(P: dict[str, Any]) -> str:
     return f"the embedded synthetic SEM dataset (rendered into `{P['synthetic_dir']}`)"
 
 
+def table(P: dict[str, Any], keys):
+    """The resolved values of `keys`, with what each means: the short parameter table at the top of a
+    report (every key is in the stage's params.json). A pandas Styler, so nothing is cut short."""
+    import pandas as pd
+
+    rows = [{"parameter": k, "value": describe_data(P) if k == "data_dir" else str(P[k]), "meaning": SCHEMA[k].help}
+            for k in keys]
+    return pd.DataFrame(rows).set_index("parameter").style.set_properties(**{"text-align": "left"})
+
+
 def check_paths(P: dict[str, Any]) -> None:
     """The build folder must not overlap the image folder (the project never writes among your images)."""
     build = path(P["build_dir"]).resolve()
@@ -329,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out or args.out_dir:
         try:
             claim(path(resolved["build_dir"]), "build folder")
+            if args.out_dir:
+                claim(Path(args.out_dir), "parameter files")
         except OwnershipError as e:
             print(f"error: {e} (BUILD=...)", file=sys.stderr)
             return 2

@@ -115,3 +115,12 @@ def score(df: pd.DataFrame, pairs: dict[str, np.ndarray], planted: pd.DataFrame,
         false = sum(family[int(i)] != family[int(j)] for i, j in ps)
         false_rows.append({"detector": det, "linked pairs": len(ps), "false pairs (distinct images)": false})
     return detection, pd.DataFrame(false_rows)
+
+
+def score_dataset(df: pd.DataFrame, pairs: dict[str, np.ndarray], root: str | Path):
+    """`score` against the dataset's own planted.csv, or None when it holds no planted copies."""
+    planted = Path(root) / "planted.csv"
+    if not planted.is_file():
+        return None
+    detection, false_pairs = score(df, pairs, pd.read_csv(planted), root)
+    return detection.round(3), false_pairs

@@ -8,7 +8,7 @@ lists every file with its sha256 (the model, `labels.json` and `preprocessing.js
 against it before anything runs, and a mismatch is refused), the default review threshold and
 whether the INT8 model is fit; `labels.json` gives the class order (the source of truth;
 nothing is unpickled) and `preprocessing.json` the input size, resize policy and alpha
-background, applied by the one definition of preprocessing in `lib.data`. Images are decoded
+background, applied by the one definition of preprocessing in `lib.preprocess`. Images are decoded
 in parallel worker processes and classified in batches.
 
 Each file becomes one row: file, predicted class, confidence, top-3, `review` (confidence
@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import softmax
 
-from lib.data import IMAGE_EXTENSIONS, load_gray, normalize
+from lib import runtime
+from lib.preprocess import IMAGE_EXTENSIONS, load_gray, normalize
 
 DEFAULT_THRESHOLD = 0.5
 TOP_K = 3
@@ -143,15 +144,6 @@ def decode(path: str, size: int, resize: str, background: float) -> tuple[np.nda
         return None, f"{type(e).__name__}: {e}".strip()
 
 
-def _session(model: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def predict(bundle: Bundle, items: list[tuple[str, str]], *, threshold: float | None = None, batch_size: int = 32,
             workers: int | None = None, threads: int = 0) -> list[dict]:
     """Rows for (file, error) items: predicted class, confidence, top-3, review flag, error.
@@ -160,7 +152,7 @@ def predict(bundle: Bundle, items: list[tuple[str, str]], *, threshold: float | 
     process) while this process classifies the decoded ones in batches.
     """
     threshold = bundle.review_threshold if threshold is None else threshold
-    sess = _session(bundle.model, threads)
+    sess = runtime.session(bundle.model, threads)
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if len(items) > 64 else 0
     load = partial(decode, size=bundle.size, resize=bundle.resize, background=bundle.background)

@@ -28,13 +28,16 @@ def ensure(P: dict, *, arch: str | None = None, width: float | None = None, buil
     """The cached synthetic-pretrained body for (arch, width), trained now if missing or stale."""
     import torch
 
-    from lib import data, model as net, synthetic, train
+    from lib import data, engine, model as net, recipes, synthetic
     from lib.io import read_json, write_json_atomic
     from lib.params import path as resolve_path
 
     arch = arch or P["arch"]
     width = P["width"] if width is None else width
     build = resolve_path(build_dir or P["build_dir"])
+    from lib.io import claim
+
+    claim(build / "pretrain", "pretrained bodies")
     out = synthetic_weights_path(build, arch, width)
     settings = {"arch": arch, "width": width, **{k: P[k] for k in KEYS}}
     meta = out.with_suffix(".json")
@@ -53,7 +56,7 @@ def ensure(P: dict, *, arch: str | None = None, width: float | None = None, buil
     TP = {**P, "arch": arch, "width": width, "weights": "none", "recipe": "ft", "epochs": P["pretrain_epochs"],
           "freeze_blocks": 0, "ema_decay": 0.0, "patience": P["pretrain_epochs"]}
     device = net.pick_device(P["device"])
-    generator = train.seed_everything(P["seed"], P["deterministic"])
+    generator = engine.seed_everything(P["seed"], P["deterministic"])
     best = {}
 
     def keep(model, epoch, val):
@@ -61,7 +64,7 @@ def ensure(P: dict, *, arch: str | None = None, width: float | None = None, buil
         best["epoch"], best["val"] = epoch, (val or {}).get("macro_recall")
 
     log(f"pretraining {arch} (width {width}) on {len(y)} synthetic images for {P['pretrain_epochs']} epochs")
-    trained = train.train_recipe(TP, {"train": gray[~hold], "val": gray[hold]}, {"train": y[~hold], "val": y[hold]},
+    trained = recipes.train_recipe(TP, {"train": gray[~hold], "val": gray[hold]}, {"train": y[~hold], "val": y[hold]},
                                  len(classes), device=device, generator=generator, on_best=keep, progress=False,
                                  build_dir=build)
     model = trained.model
@@ -73,6 +76,13 @@ def ensure(P: dict, *, arch: str | None = None, width: float | None = None, buil
     log(f"wrote {out} (synthetic validation macro recall {best['val']:.3f} at epoch {best['epoch']}, "
         f"{trained.fit.seconds:.0f} s)")
     return out
+
+
+def ready(P: dict, *, build_dir=None, log=print) -> None:
+    """Make sure the weights the parameters name can be loaded: with `weights: synthetic`, the cached
+    synthetic-pretrained body (trained now when missing or stale); any other source needs nothing."""
+    if P["weights"] == "synthetic":
+        ensure(P, build_dir=build_dir, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:

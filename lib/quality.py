@@ -41,3 +41,26 @@ def flag(inventory: pd.DataFrame, params: dict) -> pd.DataFrame:
         values = inventory[col].astype(float)
         out[name] = values < params[key] if direction == "below" else values > params[key]
     return out
+
+
+def summary(readable: pd.DataFrame, params: dict, classes: list[str], root) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Flag counts per class (and over all), the flagged files (path relative to root, class, flags)
+    and the flag table itself (one boolean column per flag, aligned with `readable`)."""
+    import os
+
+    flags = flag(readable, params)
+    counts = flags.groupby(readable["class"]).sum().reindex(classes).astype(int)
+    counts.loc["all"] = counts.sum()
+    hit = flags.any(axis=1)
+    flagged = pd.DataFrame({
+        "path": [os.path.relpath(p, root) for p in readable.loc[hit, "path"]],
+        "class": readable.loc[hit, "class"].to_numpy(),
+        "flags": [", ".join(flags.columns[row]) for row in flags[hit].to_numpy()],
+    })
+    return counts, flagged, flags
+
+
+def worst(readable: pd.DataFrame, flags: pd.DataFrame, name: str, n: int = 6) -> pd.DataFrame:
+    """The n most extreme readable images raising flag `name`, by its measure."""
+    col, direction, _ = FLAGS[name]
+    return readable[flags[name]].sort_values(col, ascending=direction == "below").head(n)

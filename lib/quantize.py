@@ -3,7 +3,7 @@
 The FP32 model goes through `quant_pre_process` (shape inference, graph optimisation) once,
 then `quantize_static` in QDQ format with per-channel weights (a depthwise convolution's
 channels span very different ranges, which one scale per tensor would crush). Activations
-are calibrated on training images decoded by the one preprocessing (`lib.data`).
+are calibrated on training images decoded by the one preprocessing (`lib.preprocess`).
 
 What is searched, because it is what matters on x86 CPUs:
 
@@ -18,6 +18,8 @@ reduce_range variants.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -127,7 +129,7 @@ def quantize(prepared: str | Path, out: str | Path, calib_x: np.ndarray, setting
     if len(calib_x) == 0:
         raise ValueError("no calibration images")
     cache = Path(cache_dir) / f"calibration_{setting.calibration}.json" if cache_dir else None
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress
         onnx_tmp = tmp.with_suffix(".onnx")
         try:
             quantize_static(
@@ -237,18 +239,19 @@ def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], 
     """
     import pandas as pd
 
-    from lib import benchmark, export
+    from lib import benchmark, runtime
 
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    fp32 = export.session(fp32_path, threads)
-    fp32_val, fp32_test = export.run_onnx(fp32, x_val), export.run_onnx(fp32, x_test)
+    from lib.io import claim
+
+    work = claim(work_dir, "quantisation work")
+    fp32 = runtime.session(fp32_path, threads)
+    fp32_val, fp32_test = runtime.run(fp32, x_val), runtime.run(fp32, x_test)
     base_val, base_test = scores(y_val, fp32_val, classes), scores(y_test, fp32_test, classes)
     prepared = preprocess(fp32_path, work / "model.prep.onnx")
 
     def evaluate(path: Path) -> dict:
-        s = export.session(path, threads)
-        on_val, on_test = export.run_onnx(s, x_val), export.run_onnx(s, x_test)
+        s = runtime.session(path, threads)
+        on_val, on_test = runtime.run(s, x_val), runtime.run(s, x_test)
         val_loss = losses(base_val, scores(y_val, on_val, classes))
         test_loss = losses(base_test, scores(y_test, on_test, classes))
         verdict = gate(val_loss, max_recall_drop=max_recall_drop, max_miss_rise=max_miss_rise)
@@ -262,3 +265,51 @@ def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], 
     rows, variants = search(prepared, calib_x, settings, evaluate, work_dir=work)
     table = pd.DataFrame(rows).set_index("setting")
     return table, choose(table), variants
+
+
+# How the selection table's columns read in the export report.
+COLUMN_NAMES = {"macro_recall": "val macro recall", "macro_recall_drop": "val macro-recall drop",
+                "miss_rate_rise": "val miss-rate rise", "fit": "within limits", "agreement": "val agreement with FP32",
+                "mean_abs_logit_diff": "val mean abs logit diff", "test_macro_recall_drop": "test macro-recall drop",
+                "test_miss_rate_rise": "test miss-rate rise", "test_agreement": "test agreement with FP32",
+                "batch1_p50_ms": "batch-1 p50 (ms)"}
+
+
+def points(v: float | None) -> str:
+    """A fraction as signed points (0.0125 -> +1.25), or n/a."""
+    return "n/a" if v is None else f"{100 * v:+.2f}"
+
+
+def loss_table(verdict: dict, test_loss: dict):
+    """INT8's macro-recall drop and miss-rate rise on validation (with the limits that decide) and on test."""
+    import pandas as pd
+
+    return pd.DataFrame({
+        "macro-recall drop (points)": [points(verdict["macro_recall_drop"]), points(test_loss["macro_recall_drop"])],
+        "miss-rate rise (points)": [points(verdict["miss_rate_rise"]), points(test_loss["miss_rate_rise"])],
+        "limits": [f"{100 * verdict['max_recall_drop']:.2f} / {100 * verdict['max_miss_rise']:.2f}", "(reported only)"]},
+        index=["val (decides)", "test"])
+
+
+def judge(fp32_logits: dict, int8_logits: dict, y: dict, classes: list[str], *, max_recall_drop: float,
+          max_miss_rise: float):
+    """The kept INT8 model against FP32, recall first: figures on validation (where the gate decides) and
+    on test (reported only). `fp32_logits`, `int8_logits` and `y` map "val" and "test" to logits / labels.
+
+    Returns (table of accuracy, macro recall, miss rate and agreement per model and split, the gate's
+    verdict on validation (`gate`), the losses on test)."""
+    import pandas as pd
+
+    figures, agreement = {}, {}
+    for split in ("val", "test"):
+        figures[("FP32 (model.onnx)", split)] = scores(y[split], fp32_logits[split], classes)
+        figures[("INT8 (model.int8.onnx)", split)] = scores(y[split], int8_logits[split], classes)
+        agreement[split] = fidelity(fp32_logits[split], int8_logits[split])
+    table = pd.DataFrame(figures).T.rename_axis(["model", "split"])
+    table["agreement with FP32"] = [1.0, agreement["val"]["agreement"], 1.0, agreement["test"]["agreement"]]
+    verdict = gate(losses(figures[("FP32 (model.onnx)", "val")], figures[("INT8 (model.int8.onnx)", "val")]),
+                   max_recall_drop=max_recall_drop, max_miss_rise=max_miss_rise)
+    verdict |= {"validation": figures[("INT8 (model.int8.onnx)", "val")], "test": figures[("INT8 (model.int8.onnx)", "test")],
+                "validation_agreement": agreement["val"], "agreement": agreement["test"]}
+    test_loss = losses(figures[("FP32 (model.onnx)", "test")], figures[("INT8 (model.int8.onnx)", "test")])
+    return table, verdict, test_loss

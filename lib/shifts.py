@@ -2,8 +2,8 @@
 do to an SEM image.
 
 Each shift maps a grayscale float32 image on 0-1, at the network's input size, to a shifted
-image of the same size. It is applied after `lib.data.load_gray` and before
-`lib.data.normalize`, so what is tested is the model's response to the shift, not the
+image of the same size. It is applied after `lib.preprocess.load_gray` and before
+`lib.preprocess.normalize`, so what is tested is the model's response to the shift, not the
 resize policy. Random shifts (shot noise) draw from a generator seeded per image, so a
 report is reproducible.
 """
@@ -83,3 +83,24 @@ def apply(name: str, gray: np.ndarray, seed: int = 0) -> np.ndarray:
     for i in range(len(gray)):
         out[i, 0] = np.clip(fn(gray[i, 0].astype(np.float32), np.random.default_rng([seed, i])), 0, 1)
     return out
+
+
+def robustness(predict, gray: np.ndarray, y_true: np.ndarray, classes: list[str], *, names=None,
+               seed: int = 0):
+    """Macro recall, accuracy and miss rate of `predict(gray) -> predicted labels` on the same images
+    under each named shift (every shift of SHIFTS by default, `none` first), and the drop in macro
+    recall, in points, from the unshifted images when `none` is among the names."""
+    import pandas as pd
+
+    from lib.metrics import defect_vs_clean, macro_recall
+
+    rows = []
+    for name in names if names is not None else SHIFTS:
+        pred = predict(gray if name == "none" else apply(name, gray, seed=seed))
+        rows.append({"shift": name, "macro recall": macro_recall(y_true, pred, len(classes)),
+                     "accuracy": float((pred == y_true).mean()) if len(y_true) else None,
+                     "miss rate": defect_vs_clean(y_true, pred, classes)["miss_rate"]})
+    table = pd.DataFrame(rows, columns=["shift", "macro recall", "accuracy", "miss rate"]).set_index("shift")
+    if "none" in table.index:
+        table["drop (points)"] = 100 * (table.loc["none", "macro recall"] - table["macro recall"])
+    return table

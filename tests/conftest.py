@@ -1,7 +1,15 @@
-"""Shared fixtures: small image files built on the fly."""
+"""Shared fixtures (small image files built on the fly) and the test tiers.
+
+Tiers, as pytest markers: `unit` (lib functions on tiny inputs, seconds), `data` (datasets,
+the generator and the leakage audit: no content shared across splits) and `e2e` (the pipeline
+through make and papermill, minutes). `make test` runs all three, `make test-unit` the first.
+A test module's tier is set below unless the test marks itself.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +36,7 @@ def sem_like(seed: int, size: int = 96) -> np.ndarray:
 def image_tree(tmp_path):
     """<tmp>/data/<class>/<class>_<i>.png with n distinct images per class; returns (root, classes)."""
 
-    def make(classes=("bridge", "clean", "vias"), n: int = 6, size: int = 96):
+    def build_tree(classes=("bridge", "clean", "vias"), n: int = 6, size: int = 96):
         root = tmp_path / "data"
         for k, cls in enumerate(classes):
             (root / cls).mkdir(parents=True, exist_ok=True)
@@ -36,4 +44,37 @@ def image_tree(tmp_path):
                 Image.fromarray(sem_like(1000 * k + i, size)).save(root / cls / f"{cls}_{i:03d}.png")
         return root, list(classes)
 
-    return make
+    return build_tree
+
+
+def make(*args, timeout=900):
+    """`make` in the repository root, as a user runs it (no inherited MAKEFLAGS), output captured."""
+    env = {**os.environ, "MAKEFLAGS": ""}
+    return subprocess.run(["make", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The synthetic smoke route (params/smoke.yaml: MobileNetV2 from scratch, 64 px, three epochs) through
+    `make all` into a temporary folder, then `make all` again: (folder, make arguments, first, second)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    overlay = tmp / "where.yaml"
+    overlay.write_text(f"synthetic_dir: {tmp / 'data'}\n")
+    args = [f"PARAMS=params/smoke.yaml {overlay}", f"BUILD={tmp / 'build'}", f"REPORTS={tmp / 'reports'}"]
+    first = make("all", *args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = make("all", *args)
+    return tmp, args, first, second
+
+
+E2E_MODULES = {"test_pipeline", "test_routes", "test_notebooks", "test_reports"}
+DATA_MODULES = {"test_leakage", "test_synthetic", "test_plant", "test_data", "test_quality", "test_cv"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(name) for name in ("unit", "data", "e2e")):
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker("e2e" if module in E2E_MODULES else "data" if module in DATA_MODULES else "unit")

@@ -17,15 +17,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import ROOT, sem_like
+from conftest import ROOT, make, sem_like
 from lib import data, leakage, params
 from lib.data import DataError
 from userdata import snapshot, user_folder
-
-
-def make(*args, timeout=600):
-    env = {**os.environ, "MAKEFLAGS": ""}
-    return subprocess.run(["make", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def clean_error(out, *needles):
@@ -176,35 +171,38 @@ def test_a_presplit_tree_without_train_is_named(tmp_path):
 # --- parameters ------------------------------------------------------------------------------
 
 
+def run_with(tmp_path, text: str, target: str = "data"):
+    """`make <target>` with one parameter file holding `text`; returns (the run, the file)."""
+    f = tmp_path / "my.yaml"
+    f.write_text(text)
+    return make(target, f"PARAMS={f}", f"BUILD={tmp_path / 'b'}", f"REPORTS={tmp_path / 'r'}"), f
+
+
+@pytest.mark.e2e
 def test_a_mistyped_key_stops_the_run_naming_it_and_its_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("epoch: 3\n")
-    out = make("all", f"PARAMS={bad}", f"BUILD={tmp_path / 'b'}", f"REPORTS={tmp_path / 'r'}")
-    clean_error(out, "unknown parameter 'epoch'", str(bad))
+    out, f = run_with(tmp_path, "epoch: 3\n", "all")
+    clean_error(out, "unknown parameter 'epoch'", str(f))
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.e2e
 def test_a_wrong_type_stops_the_run_naming_the_key(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("epochs: ten\n")
-    out = make("data", f"PARAMS={bad}", f"BUILD={tmp_path / 'b'}")
-    clean_error(out, "parameter 'epochs'", "must be int", "'ten'")
+    clean_error(run_with(tmp_path, "epochs: ten\n")[0], "parameter 'epochs'", "must be int", "'ten'")
 
 
+@pytest.mark.e2e
 def test_a_removed_key_says_what_replaced_it(tmp_path):
-    old = tmp_path / "old.yaml"
-    old.write_text("synthetic: false\ndata_dir: /somewhere\n")
-    out = make("data", f"PARAMS={old}", f"BUILD={tmp_path / 'b'}")
+    out, _ = run_with(tmp_path, "synthetic: false\ndata_dir: /somewhere\n")
     clean_error(out, "parameter 'synthetic'", "was removed", "data_dir alone")
 
 
+@pytest.mark.e2e
 def test_a_missing_data_dir_is_named(tmp_path):
-    own = tmp_path / "own.yaml"
-    own.write_text(f"data_dir: {tmp_path / 'nowhere'}\n")
-    out = make("all", f"PARAMS={own}", f"BUILD={tmp_path / 'b'}", f"REPORTS={tmp_path / 'r'}")
+    out, _ = run_with(tmp_path, f"data_dir: {tmp_path / 'nowhere'}\n", "all")
     clean_error(out, f"dataset folder not found: {tmp_path / 'nowhere'}")
 
 
+@pytest.mark.e2e
 def test_a_build_folder_inside_the_image_folder_is_refused(tmp_path):
     root = user_folder(tmp_path / "d", splits=())
     before = snapshot(root)
@@ -218,6 +216,7 @@ def test_a_build_folder_inside_the_image_folder_is_refused(tmp_path):
 # --- a user's folder where the project would write ---------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_data_only_overlay_on_the_base_params_reads_the_folder_and_never_writes_it(tmp_path):
     """The overlay that once had the generator replace a user's images: now it means "use my images"."""
     root = user_folder(tmp_path / "my-sem", splits=())
@@ -231,6 +230,7 @@ def test_a_data_only_overlay_on_the_base_params_reads_the_folder_and_never_write
     assert split_csv["path"].str.startswith(str(root)).all() and len(split_csv) == 8 * 7
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", ["synthetic_dir", "BUILD", "REPORTS"])
 def test_a_folder_of_the_users_given_as_an_output_is_refused_untouched(tmp_path, key):
     root = user_folder(tmp_path / "my-sem", splits=())
@@ -256,6 +256,7 @@ def test_a_folder_of_the_users_given_as_an_output_is_refused_untouched(tmp_path,
 # --- a run killed in the middle of training ------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_training_killed_midway_reruns_and_nothing_half_written_looks_done(tmp_path):
     overlay = tmp_path / "o.yaml"
     overlay.write_text(f"synthetic_dir: {tmp_path / 'data'}\nsynthetic_per_class: 8\nepochs: 15\npatience: 15\n")

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from lib import export, model as net
+from lib import engine, export, model as net, runtime
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_graph_signature_and_opset(exported):
 def test_onnx_runtime_matches_pytorch(exported, batch):
     m, path = exported
     x = np.random.default_rng(batch).normal(size=(batch, 3, 64, 64)).astype(np.float32)
-    p = export.parity(export.run_torch(m, x), export.run_onnx(export.session(path), x, batch_size=8))
+    p = export.parity(engine.logits(m, x), runtime.run(runtime.session(path), x, batch_size=8))
     assert p["argmax_agreement"] == 1.0
     assert p["max_abs_logit_diff"] < 1e-3
 

@@ -1,33 +1,15 @@
 """End to end: `make all` with params/smoke.yaml into a temporary folder, then the README example."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, make
 
 STAGES = ["01_eda", "02_leakage_audit", "03_training", "04_evaluation", "05_export"]
-
-
-def make(*args, cwd=ROOT):
-    env = {**os.environ, "MAKEFLAGS": ""}
-    return subprocess.run(["make", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    overlay = tmp / "where.yaml"
-    overlay.write_text(f"synthetic_dir: {tmp / 'data'}\n")
-    args = [f"PARAMS=params/smoke.yaml {overlay}", f"BUILD={tmp / 'build'}", f"REPORTS={tmp / 'reports'}"]
-    first = make("all", *args)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = make("all", *args)
-    return tmp, args, first, second
 
 
 def test_five_reports_and_the_index_exist(smoke_run):
@@ -188,3 +170,29 @@ def test_presplit_leak_fails_the_audit_naming_the_files(presplit_with_leak, tmp_
         assert name in eda
     assert "empty file (0 bytes)" in eda and "cannot identify image file" in eda
     assert not (tmp_path / "b" / "split").exists() and not (tmp_path / "r" / "02_leakage_audit.html").exists()
+
+
+def test_a_notebook_run_as_in_jupyterlab_reproduces_its_report_and_make_sees_it(smoke_run, tmp_path):
+    """Run from notebooks/, with the notebook's own defaults (only the build folder named) and without
+    make's resolved parameters, as JupyterLab runs it: the figures are the report's, no path setup is
+    needed, and make then knows the stage's outputs are no longer the ones its report shows.
+    (Last in this module: it ends by running make again, which restores the smoke build.)"""
+    import os
+
+    import papermill
+
+    from lib.params import RESOLVED_ENV
+
+    tmp, args = smoke_run[0], smoke_run[1]
+    before = json.loads((tmp / "build" / "eval" / "metrics.json").read_text())
+    assert RESOLVED_ENV not in os.environ
+    papermill.execute_notebook(str(ROOT / "notebooks" / "04_evaluation.ipynb"), str(tmp_path / "lab.ipynb"),
+                               parameters={"build_dir": str(tmp / "build")}, cwd=str(ROOT / "notebooks"),
+                               kernel_name="python3", progress_bar=False)
+    assert json.loads((tmp / "build" / "eval" / "metrics.json").read_text()) == before
+    recorded = json.loads((tmp / "build" / "eval" / "params.json").read_text())
+    assert recorded["gallery_max"] == 24  # the notebook's default, recorded as what this run used
+    assert make("-q", "eval", *args).returncode != 0
+    again = make("all", *args)
+    assert again.returncode == 0 and "notebooks/04_evaluation.ipynb" in again.stdout
+    assert "notebooks/03_training.ipynb" not in again.stdout

@@ -11,7 +11,7 @@ from PIL import Image
 from scipy.special import softmax
 
 from conftest import ROOT, sem_like
-from lib import data, export, model as net, predict
+from lib import export, model as net, predict, preprocess, runtime
 
 SIZE = 32
 CLASSES = ["bridge", "clean", "vias"]
@@ -23,7 +23,7 @@ def make_bundle(folder, arch="mobilenet_v2", size=SIZE, threshold=0.5):
     torch.nn.init.normal_(m.classifier[1].weight, 0, 1.0)  # spread the logits so classes differ
     export.export_onnx(m, folder / "model.onnx", size=size)
     export.write_labels(folder, CLASSES)
-    spec = data.preprocessing_spec(size, resize="letterbox", background=0.25)
+    spec = preprocess.preprocessing_spec(size, resize="letterbox", background=0.25)
     (folder / "preprocessing.json").write_text(json.dumps(spec))
     export.write_bundle_manifest(folder, review_threshold=threshold, int8_fit=True)
     return folder / "model.onnx"
@@ -75,8 +75,8 @@ def test_predictions_use_the_bundle_preprocessing(bundle, images):
     b = predict.Bundle.load(bundle)
     assert (b.size, b.resize, b.background, b.classes) == (SIZE, "letterbox", 0.25, CLASSES)
     rows = predict.predict(b, [(str(f), "") for f in good], batch_size=4, workers=0)
-    x = data.load_input(good, SIZE, resize="letterbox", background=0.25)
-    prob = softmax(export.run_onnx(export.session(bundle), x).astype(np.float64), axis=1)
+    x = preprocess.load_input(good, SIZE, resize="letterbox", background=0.25)
+    prob = softmax(runtime.run(runtime.session(bundle), x).astype(np.float64), axis=1)
     assert [r["predicted"] for r in rows] == [CLASSES[i] for i in prob.argmax(1)]
     np.testing.assert_allclose([r["confidence"] for r in rows], prob.max(1), rtol=1e-5)
     for r in rows:

@@ -7,7 +7,7 @@ from PIL import Image
 from scipy import ndimage
 
 from conftest import sem_like
-from lib import data, params, quality
+from lib import data, params, preprocess, quality
 
 
 def inventory_of(tmp_path, images: dict) -> pd.DataFrame:
@@ -42,8 +42,8 @@ def test_each_flag_fires_on_its_image(tmp_path):
 
 def test_decompression_bomb_is_refused_with_a_reason(tmp_path, monkeypatch):
     Image.fromarray(sem_like(3, 200)).save(tmp_path / "big.png")
-    monkeypatch.setattr(data, "MAX_PIXELS", 100 * 100)
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 100 * 100)
     info = data.inspect_file(str(tmp_path / "big.png"))
     assert not info["readable"] and "pixels" in info["reason"]
     with pytest.raises((Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        data.load_gray(tmp_path / "big.png", 64)
+        preprocess.load_gray(tmp_path / "big.png", 64)

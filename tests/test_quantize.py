@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import benchmark, export, model as net, quantize
+from lib import benchmark, export, model as net, quantize, runtime
 
 SIZE = 32
 
@@ -68,7 +68,7 @@ def test_int8_model_is_qdq_per_channel_smaller_and_agrees(mobilenet, tmp_path):
     assert q.stat().st_size < 0.4 * fp32.stat().st_size
     assert (tmp_path / "calibration_MinMax.json").is_file()  # calibration cached for the other variants
     x = inputs(32, seed=5)
-    fid = quantize.fidelity(export.run_onnx(export.session(fp32), x), export.run_onnx(export.session(q), x))
+    fid = quantize.fidelity(runtime.run(runtime.session(fp32), x), runtime.run(runtime.session(q), x))
     assert fid["agreement"] >= 0.9
 
 
@@ -78,15 +78,15 @@ def test_every_calibration_method_quantises(mobilenet, tmp_path, activation):
     for method in quantize.CALIBRATIONS:
         q = quantize.quantize(prepared, tmp_path / f"{method}.onnx", inputs(5),
                               quantize.Setting(activation, False, method), cache_dir=tmp_path)
-        assert export.run_onnx(export.session(q), inputs(2)).shape == (2, 4)
+        assert runtime.run(runtime.session(q), inputs(2)).shape == (2, 4)
 
 
 def test_efficientnet_lite0_quantises(tmp_path):
     _, fp32, prepared = _export(tmp_path, "efficientnet_lite0", 64)
     q = quantize.quantize(prepared, tmp_path / "q.onnx", inputs(4, 64), quantize.Setting("S8", False, "MinMax"))
     x = inputs(8, 64, seed=3)
-    assert quantize.fidelity(export.run_onnx(export.session(fp32), x),
-                             export.run_onnx(export.session(q), x))["agreement"] >= 0.75
+    assert quantize.fidelity(runtime.run(runtime.session(fp32), x),
+                             runtime.run(runtime.session(q), x))["agreement"] >= 0.75
 
 
 def test_search_scores_every_setting_and_choose_keeps_the_least_loss(mobilenet, tmp_path):

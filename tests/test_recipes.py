@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import model as net, params, shifts, train
+from lib import engine, model as net, params, presets, recipes, shifts
 
 
 def tiny_params(**over):
@@ -101,19 +101,19 @@ def body_state(model):
 def test_probe_leaves_the_pretrained_body_untouched_and_fits_the_head(arch):
     gray, y = tiny_data()
     P = tiny_params(arch=arch, weights="imagenet" if arch == "efficientnet_lite0" else "none", recipe="probe")
-    prepared = train.prepare(P, 3)
+    prepared = recipes.prepare(P, 3)
     if arch == "mobilenet_v2":  # random weights: pretend they are pretrained, to test the mechanics
         prepared.recipe = "probe"
     before = body_state(prepared.model)
     head_before = prepared.model.classifier[1].weight.clone()
-    out = train.train_recipe(P, {"train": gray, "val": gray}, {"train": y, "val": y}, 3, device="cpu",
-                             generator=train.seed_everything(0), progress=False, prepared=prepared)
+    out = recipes.train_recipe(P, {"train": gray, "val": gray}, {"train": y, "val": y}, 3, device="cpu",
+                             generator=engine.seed_everything(0), progress=False, prepared=prepared)
     after = body_state(out.model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm running stats included
     assert not torch.equal(head_before, out.model.classifier[1].weight)
     assert out.probe["val_macro_recall"] > 0.9  # the stripes are learnable
     # the folded head reproduces the logistic regression's decisions
-    feats = train.pooled_features(out.model, gray)
+    feats = recipes.pooled_features(out.model, gray)
     logits = feats @ out.model.classifier[1].weight.detach().numpy().T + out.model.classifier[1].bias.detach().numpy()
     assert (logits.argmax(1) == y).mean() > 0.9
 
@@ -122,11 +122,11 @@ def test_lpft_keeps_frozen_blocks_unchanged_and_trains_the_rest():
     gray, y = tiny_data()
     P = tiny_params(arch="efficientnet_lite0", weights="imagenet", recipe="lpft", freeze_blocks=3,
                     label_smoothing=0.1, ema_decay=0.9)
-    prepared = train.prepare(P, 3)
-    blocks_before = [{k: v.clone() for k, v in b.state_dict().items()} for b in train.body_blocks(prepared.model)]
-    out = train.train_recipe(P, {"train": gray}, {"train": y}, 3, device="cpu", generator=train.seed_everything(0),
+    prepared = recipes.prepare(P, 3)
+    blocks_before = [{k: v.clone() for k, v in b.state_dict().items()} for b in recipes.body_blocks(prepared.model)]
+    out = recipes.train_recipe(P, {"train": gray}, {"train": y}, 3, device="cpu", generator=engine.seed_everything(0),
                              progress=False, prepared=prepared)
-    trained_blocks = train.body_blocks(prepared.model)  # the live model (out.model is its EMA)
+    trained_blocks = recipes.body_blocks(prepared.model)  # the live model (out.model is its EMA)
     for i, (before, block) in enumerate(zip(blocks_before, trained_blocks)):
         same = all(torch.equal(before[k], v) for k, v in block.state_dict().items())
         assert same == (i < 3), f"block {i}"
@@ -135,12 +135,12 @@ def test_lpft_keeps_frozen_blocks_unchanged_and_trains_the_rest():
 
 def test_random_weights_turn_probe_into_ft_and_say_so():
     P = tiny_params(weights="none", recipe="lpft")
-    prepared = train.prepare(P, 3)
+    prepared = recipes.prepare(P, 3)
     assert prepared.recipe == "ft" and "from scratch" in prepared.notes[0]
 
 
 def test_robust_augmentations_keep_shape_and_range():
-    aug = train.train_transform(size=32, resolution=0.25, gamma=0.4, jpeg=20, noise=0.05, blur=1.0)
+    aug = presets.train_transform(size=32, resolution=0.25, gamma=0.4, jpeg=20, noise=0.05, blur=1.0)
     x = torch.rand(1, 32, 32)
     torch.manual_seed(0)
     outs = [aug(x) for _ in range(20)]

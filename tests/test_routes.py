@@ -17,25 +17,17 @@ The synthetic smoke route is tests/test_pipeline.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, make
 from userdata import CLASSES, snapshot, user_folder
-
-pytestmark = pytest.mark.e2e
 
 STAGES = ["01_eda", "02_leakage_audit", "03_training", "04_evaluation", "05_export"]
 SMALL = ROOT / "tests" / "params" / "small.yaml"
-
-
-def make(*args, cwd=ROOT, timeout=900):
-    env = {**os.environ, "MAKEFLAGS": ""}
-    return subprocess.run(["make", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def own_overlay(tmp, data_dir, extra: str = ""):

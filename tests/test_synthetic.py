@@ -247,7 +247,7 @@ def test_render_dataset_is_atomic(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return real(seed, cls, index, size=size)
 
-    monkeypatch.setattr(S, "render_image", flaky)
+    monkeypatch.setattr(S.render, "render_image", flaky)  # where the workers look it up
     for workers in (1, 2) if "fork" in mp.get_all_start_methods() else (1,):
         with pytest.raises(RuntimeError, match="boom"):
             S.render_dataset(out, n_per_class=2, size=48, workers=workers)

@@ -1,0 +1,257 @@
+"""Engine: the plain train / evaluate functions every recipe uses.
+
+Seeding and determinism, the dataset of cached grayscale images, class weights, loaders, the
+warm-up + cosine schedule, `train_one_epoch`, `evaluate` (under `torch.inference_mode`),
+`fit` (AdamW, early stopping on validation macro recall, optional EMA), logits of a model on
+an input array, and the reading of a training history for over- or under-fitting.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from lib.metrics import macro_recall
+from lib.preprocess import normalize
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
+    """Seed Python, numpy and torch; optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+class GrayDataset(Dataset):
+    """Cached grayscale images + integer labels; returns (normalised input, label)."""
+
+    def __init__(self, gray: np.ndarray, labels: np.ndarray, transform=None):
+        self.gray = torch.from_numpy(np.ascontiguousarray(gray))
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.gray[i]
+        if self.transform is not None:
+            x = self.transform(x)
+        return normalize(x.float()), self.labels[i]
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over classes present (sklearn's 'balanced' rule)."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def make_loader(ds: Dataset, *, batch_size: int, train: bool, generator: torch.Generator,
+                balanced: bool = False) -> DataLoader:
+    sampler = None
+    if train and balanced:
+        labels = ds.labels.numpy()
+        w = 1.0 / np.bincount(labels)[labels]
+        sampler = WeightedRandomSampler(torch.as_tensor(w), num_samples=len(labels), replacement=True,
+                                        generator=generator)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      generator=generator, drop_last=train and len(ds) > batch_size, num_workers=0)
+
+
+def warmup_cosine(optimizer, *, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak learning rate, then cosine decay to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_mode(model: nn.Module, frozen=()) -> None:
+    """model.train(), except frozen blocks, which stay in eval mode (their BatchNorm statistics too)."""
+    model.train()
+    for block in frozen:
+        block.eval()
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, progress=None, frozen=(),
+                    ema=None) -> dict:
+    train_mode(model, frozen)
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
+        logits = model(x)
+        loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        if progress is not None:
+            progress.update(len(y))
+            progress.set_postfix(loss=f"{total_loss / seen:.3f}")
+    return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+
+@torch.inference_mode()
+def predict(model, loader, device) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, C], labels [N]) over a loader, in order."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        logits.append(model(x.to(device, memory_format=torch.channels_last)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(model, loader, criterion, device, n_classes: int) -> dict:
+    logits, labels = predict(model, loader, device)
+    loss = criterion(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    pred = logits.argmax(1)
+    return {"loss": loss, "accuracy": float((pred == labels).mean()),
+            "macro_recall": macro_recall(labels, pred, n_classes)}
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val_macro_recall: float = -1.0
+    stopped_early: bool = False
+    seconds: float = 0.0
+    last: nn.Module | None = None  # the model after the last epoch (the EMA when ema_decay > 0)
+
+
+def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: float, weight_decay: float,
+        warmup_epochs: float, patience: int, device, criterion, on_best, progress: bool = True,
+        body_lr_mult: float = 1.0, frozen=(), ema_decay: float = 0.0) -> FitResult:
+    """AdamW + warm-up/cosine; early stopping on validation macro recall.
+
+    `on_best(model, epoch, val_metrics)` is called whenever validation macro recall improves
+    (ties broken by lower validation loss), e.g. to write the checkpoint. Without a
+    validation loader every epoch runs and `on_best` gets the last model (val_metrics None).
+
+    Fine-tuning controls: the body (`model.features`) learns at `lr * body_lr_mult` and the
+    head at `lr`; `frozen` blocks (see `freeze`) get no updates and keep BatchNorm in eval
+    mode; `ema_decay` > 0 keeps an exponential moving average of the weights (and BatchNorm
+    buffers), which is what gets evaluated and handed to `on_best`.
+    """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    # channels-last is about twice as fast for depthwise convolutions on CPU
+    model.to(memory_format=torch.channels_last)
+    head = [p for p in model.classifier.parameters() if p.requires_grad]
+    body = [p for p in model.features.parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": lr}] + ([{"params": body, "lr": lr * body_lr_mult}] if body else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    steps = epochs * len(train_loader)
+    scheduler = warmup_cosine(optimizer, warmup_steps=max(1, int(warmup_epochs * len(train_loader))),
+                              total_steps=steps)
+    ema = None
+    if ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    scored = (lambda: ema.module) if ema is not None else (lambda: model)
+    eval_criterion = nn.CrossEntropyLoss(weight=getattr(criterion, "weight", None))
+    result = FitResult()
+    best_key = (-1.0, 0.0)
+    since_best = 0
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm  # plain text: reports render it without widgets
+
+        bar = tqdm(total=epochs, desc="epochs", unit="epoch")
+    for epoch in range(1, epochs + 1):
+        tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, frozen=frozen, ema=ema)
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"]}
+        if val_loader is not None:
+            va = evaluate(scored(), val_loader, eval_criterion, device, n_classes)
+            row |= {"val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_recall": va["macro_recall"]}
+        row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        result.history.append(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(train_loss=f"{tr['loss']:.3f}",
+                            **({"val_recall": f"{va['macro_recall']:.3f}"} if val_loader is not None else {}))
+        if val_loader is None:
+            continue
+        key = (va["macro_recall"], -va["loss"])
+        if key > best_key:
+            best_key, since_best = key, 0
+            result.best_epoch, result.best_val_macro_recall = epoch, va["macro_recall"]
+            on_best(scored(), epoch, va)
+        else:
+            since_best += 1
+        if since_best >= patience:
+            result.stopped_early = True
+            break
+    if val_loader is None:
+        result.best_epoch = len(result.history)
+        on_best(scored(), result.best_epoch, None)
+    if bar is not None:
+        bar.close()
+    result.seconds = time.perf_counter() - start
+    result.last = scored()
+    return result
+
+
+@torch.inference_mode()
+def logits(model: nn.Module, x: np.ndarray, batch_size: int = 64, device="cpu") -> np.ndarray:
+    """Logits of a model for input x [N, 3, H, W] (numpy), in batches, on `device`."""
+    model = model.eval().to(device)
+    outs = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy()
+            for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def read_curves(history: "pd.DataFrame", *, test_accuracy: float | None = None,
+                best_val_macro_recall: float | None = None) -> list[str]:
+    """The training curves read for over- or under-fitting, as sentences (Markdown).
+
+    A probe (or any history without validation losses) has no curves to read, and says so."""
+    import pandas as pd
+
+    losses = history[["train_loss", "val_loss"]].apply(pd.to_numeric, errors="coerce").dropna()
+    notes = []
+    if losses.empty:
+        notes.append("No training curves to read: the model was not trained by gradient descent (recipe `probe`: a "
+                     "logistic regression on frozen features), or without a validation split.")
+    else:
+        h = history.loc[losses.index]
+        best, last = h.loc[h["val_loss"].astype(float).idxmin()], h.iloc[-1]
+        notes.append(f"Validation loss was lowest at epoch {int(best['epoch'])} ({best['val_loss']:.3f}); at the last "
+                     f"epoch ({int(last['epoch'])}) train loss {last['train_loss']:.3f}, validation loss "
+                     f"{last['val_loss']:.3f}.")
+        if last["val_loss"] > 1.5 * best["val_loss"] and last["train_loss"] < best["train_loss"]:
+            notes.append("Validation loss rose while training loss kept falling: **over-fitting** after the best "
+                         "epoch; the checkpoint from the best epoch is the one evaluated.")
+        elif last["train_accuracy"] < 0.9 and last["val_accuracy"] < 0.9:
+            notes.append("Both training and validation accuracy stay below 0.90: **under-fitting**; more epochs, "
+                         "a larger input or pretrained weights would help.")
+        else:
+            notes.append("Training and validation curves track each other: no strong sign of over- or under-fitting.")
+    if test_accuracy is not None and best_val_macro_recall is not None:
+        notes.append(f"Test accuracy {test_accuracy:.3f} against best validation macro recall "
+                     f"{best_val_macro_recall:.3f}.")
+    return notes

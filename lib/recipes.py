@@ -1,0 +1,289 @@
+"""Recipes: how a network learns from its initial weights, behind one entry point.
+
+- `probe`: the pretrained body stays frozen; a multinomial logistic regression (scikit-learn) on
+  its pooled features becomes the linear head;
+- `lpft`: that probe, then fine-tuning of the whole network from it (body at a lower learning
+  rate, the first blocks optionally frozen);
+- `ft`: everything trains from the start (what random weights need).
+
+`prepare` builds the model and loads its weights (`lib.model`); `train_recipe` runs the recipe
+with the engine (`lib.engine`). The training notebook and cross-validation share both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from lib.engine import FitResult, GrayDataset, class_weights, fit, make_loader
+from lib.preprocess import normalize
+from lib.presets import augmentation
+
+
+def body_blocks(model: nn.Module) -> list[nn.Module]:
+    """The body's blocks in input-to-output order (stem first), the units `freeze` counts."""
+    if getattr(model, "arch", "mobilenet_v2") == "mobilenet_v2":
+        return list(model.features)
+    net = model.features  # EfficientNet-Lite: stem (conv + BN), MBConv blocks, head conv (+ BN)
+    return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
+
+
+def freeze(model: nn.Module, n_blocks: int | None = None) -> list[nn.Module]:
+    """Stop gradients into the first n_blocks body blocks (all of them when None); return them.
+
+    Pass the result to `fit(frozen=...)` so they also keep BatchNorm in eval mode.
+    """
+    blocks = body_blocks(model)
+    chosen = blocks if n_blocks is None else blocks[:n_blocks]
+    for block in chosen:
+        for p in block.parameters():
+            p.requires_grad_(False)
+    return chosen
+
+
+@torch.inference_mode()
+def pooled_features(model: nn.Module, gray: np.ndarray, device="cpu", batch_size: int = 64) -> np.ndarray:
+    """Pooled body features [N, F] of cached grayscale images [N, 1, H, W], body in eval mode."""
+    was_training = model.training
+    model.eval().to(device)
+    out = []
+    for i in range(0, len(gray), batch_size):
+        x = normalize(torch.from_numpy(np.ascontiguousarray(gray[i : i + batch_size])).float().to(device))
+        out.append(model.pool(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, *, balanced: bool = True,
+                 c: float = 1.0, seed: int = 0):
+    """Multinomial logistic regression on standardised frozen features (scikit-learn).
+
+    Returns (weight [C, F], bias [C]) acting on the raw features, ready for the linear head,
+    and the fitted pipeline (for `predict_proba` on features).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    present = np.unique(labels)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, random_state=seed,
+                                                             class_weight="balanced" if balanced else None))
+    clf.fit(features, labels)
+    scaler, lr = clf[0], clf[1]
+    w = np.zeros((n_classes, features.shape[1]), np.float32)
+    b = np.full(n_classes, -30.0, np.float32)  # a class absent from training is never predicted
+    coef, intercept = lr.coef_, lr.intercept_
+    if len(present) == 2:  # scikit-learn's binary form: one row for the second class
+        coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    w[present] = coef / scale
+    b[present] = intercept - (coef * scaler.mean_ / scale).sum(1)
+    return w, b, clf
+
+
+def set_head(model: nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Load a linear probe's (weight, bias) into the model's linear head."""
+    linear = model.classifier[-1]
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(weight))
+        linear.bias.copy_(torch.from_numpy(bias))
+
+
+def probe_history(probe: dict | None, seconds: float) -> "pd.DataFrame":
+    """The training history of a probe: one row, epoch 0, its validation figures and no losses
+    (nothing was trained by gradient descent)."""
+    import pandas as pd
+
+    probe = probe or {}
+    return pd.DataFrame([{"epoch": 0, "train_loss": None, "train_accuracy": None, "val_loss": None,
+                          "val_accuracy": probe.get("val_accuracy"), "val_macro_recall": probe.get("val_macro_recall"),
+                          "lr": 0.0, "seconds": seconds}])
+
+
+RECIPES = ("ft", "lpft", "probe")
+
+
+@dataclass
+class Trained:
+    model: nn.Module  # after the last epoch (the EMA when used); on_best received the best one
+    weights: dict
+    recipe: str  # the recipe that ran (probe and lpft become ft without pretrained weights)
+    probe: dict | None = None  # the linear probe's validation metrics: the floor to beat
+    fit: FitResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare(P: dict, n_classes: int, *, build_dir="build") -> Trained:
+    """Build the model the parameters name and load its initial weights (not yet trained).
+
+    `weights` and `notes` say what was loaded and which recipe will run: probe and lpft need
+    pretrained features and become ft when the weights are random.
+    """
+    from lib import model as net
+
+    model = net.build_model(n_classes, arch=P["arch"], width=P["width"], dropout=P["dropout"],
+                            image_size=P["image_size"])
+    weights = net.init_weights(model, P["weights"], fallback=P["weights_fallback"],
+                               sha256=P["weights_sha256"] or None, build_dir=build_dir)
+    out = Trained(model=model, weights=weights, recipe=P["recipe"])
+    if out.recipe != "ft" and weights["source"] == "none":
+        out.notes.append(f"Recipe `{out.recipe}` needs pretrained features, but the weights are random: "
+                         f"trained with recipe `ft` (from scratch) instead.")
+        out.recipe = "ft"
+    return out
+
+
+def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, generator, on_best=None,
+                 progress: bool = True, build_dir="build", prepared: Trained | None = None,
+                 features: dict | None = None) -> Trained:
+    """Train the model `prepare` gives (or `prepared`) by its recipe.
+
+    gray / y: {"train": ..., "val": ...} cached grayscale images and labels; "val" may be
+    missing (cross-validation trains a fixed number of epochs). Recipes:
+    - probe: frozen body, multinomial logistic regression on its pooled features as the head;
+    - lpft: the probe, then fine-tuning of the whole network from it (body at lr * body_lr_mult,
+      the first freeze_blocks blocks frozen), with label smoothing and optional EMA;
+    - ft: the head starts at random and everything trains at lr (training from scratch).
+    `on_best(model, epoch, val_metrics)` receives each new best model (see `fit`).
+    `features` ({"train": ..., "val": ...}) are the pooled features of the same images under
+    the initial weights, when the caller already has them (cross-validation reuses them
+    across folds); otherwise the probe computes them.
+    """
+    from lib.metrics import macro_recall
+
+    out = prepared or prepare(P, n_classes, build_dir=build_dir)
+    model = out.model.to(device)
+    has_val = "val" in gray and len(gray["val"]) > 0
+    on_best = on_best or (lambda *a: None)
+    counts = np.bincount(y["train"], minlength=n_classes)
+    if out.recipe in ("probe", "lpft"):
+        features = features or {}
+        feats = features["train"] if "train" in features else pooled_features(model, gray["train"], device)
+        w, b, clf = linear_probe(feats, y["train"], n_classes, balanced=P["class_weights"], c=P["probe_c"],
+                                 seed=P["seed"])
+        set_head(model, w, b)
+        if has_val:
+            val_pred = clf.predict(features["val"] if "val" in features else pooled_features(model, gray["val"], device))
+            out.probe = {"val_macro_recall": macro_recall(y["val"], val_pred, n_classes),
+                         "val_accuracy": float((val_pred == y["val"]).mean())}
+        if out.recipe == "probe":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            on_best(model, 0, None if not has_val else {"macro_recall": out.probe["val_macro_recall"]})
+            return out
+    weights_ce = class_weights(y["train"], n_classes) if P["class_weights"] else torch.ones(n_classes)
+    weights_ce[torch.from_numpy(counts == 0)] = 0.0
+    criterion = nn.CrossEntropyLoss(weight=weights_ce.to(device), label_smoothing=P["label_smoothing"])
+    frozen = freeze(model, P["freeze_blocks"]) if P["freeze_blocks"] > 0 else []
+    train_loader = make_loader(GrayDataset(gray["train"], y["train"], augmentation(P)), batch_size=P["batch_size"],
+                               train=True, generator=generator, balanced=P["weighted_sampler"])
+    val_loader = (make_loader(GrayDataset(gray["val"], y["val"]), batch_size=64, train=False, generator=generator)
+                  if has_val else None)
+    out.fit = fit(model, train_loader, val_loader, n_classes=n_classes, epochs=P["epochs"], lr=P["lr"],
+                  weight_decay=P["weight_decay"], warmup_epochs=P["warmup_epochs"], patience=P["patience"],
+                  device=device, criterion=criterion, on_best=on_best, progress=progress,
+                  body_lr_mult=P["body_lr_mult"] if out.recipe == "lpft" else 1.0, frozen=frozen,
+                  ema_decay=P["ema_decay"])
+    out.model = out.fit.last
+    return out
+
+
+def describe_weights(prepared: Trained, P: dict, device) -> str:
+    """The training report's first lines (Markdown): the weights used, the recipe that will run, the device."""
+    from lib import model as net
+
+    w = prepared.weights
+    lines = [f"### Weights used: `{w['source']}`", w["detail"]]
+    if w["source"] == "none" and P["weights"] != "none":
+        lines.insert(0, f"**No pretrained weights for `{P['arch']}` were available: this model trains from random "
+                        f"initialisation.** Offline alternative: {net.OFFLINE_ALTERNATIVE}.")
+    lines += prepared.notes
+    lines.append(f"Architecture `{P['arch']}` (width {P['width']}), {net.count_parameters(prepared.model):,} "
+                 f"parameters; recipe **`{prepared.recipe}`**. Device: `{device}`, torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} CPU threads.")
+    return "\n\n".join(lines)
+
+
+def data_table(y: dict, labels: list[str], P: dict):
+    """Training and validation images per class, and each class's weight in the loss."""
+    import pandas as pd
+
+    n = len(labels)
+    weights = class_weights(y["train"], n) if P["class_weights"] else torch.ones(n)
+    return pd.DataFrame({"train images": np.bincount(y["train"], minlength=n),
+                         "val images": np.bincount(y["val"], minlength=n),
+                         "loss weight": weights.numpy().round(3)}, index=labels)
+
+
+def train_and_checkpoint(P: dict, parts: dict, labels: list[str], prepared: Trained, checkpoint, *, device,
+                         generator, build_dir) -> tuple[Trained, float]:
+    """Train by the recipe on the decoded train / val parts (`lib.data.Part`), writing every new best
+    model to `checkpoint` with its class list, parameters, weights source and recipe. Returns
+    (the trained result, wall seconds)."""
+    import time
+
+    from lib import model as net
+
+    def save_best(m, epoch, val):
+        val = val or {}
+        net.save_checkpoint(checkpoint, m, classes=labels, params=P, weights=prepared.weights,
+                            recipe=prepared.recipe, epoch=epoch, val_macro_recall=val.get("macro_recall"),
+                            val_loss=val.get("loss"))
+
+    started = time.perf_counter()
+    trained = train_recipe(P, {s: parts[s].gray for s in parts}, {s: parts[s].y for s in parts}, len(labels),
+                           device=device, generator=generator, on_best=save_best, build_dir=build_dir,
+                           prepared=prepared)
+    return trained, time.perf_counter() - started
+
+
+def history(trained: Trained, seconds: float):
+    """The run's history, one row per epoch (one row, epoch 0, for a probe)."""
+    import pandas as pd
+
+    return probe_history(trained.probe, seconds) if trained.fit is None else pd.DataFrame(trained.fit.history)
+
+
+def describe_result(trained: Trained, seconds: float) -> str:
+    """The probe floor and what training made of it (Markdown)."""
+    floor, result = trained.probe, trained.fit
+    if floor is not None:
+        lines = [f"### Linear-probe floor\nLogistic regression on the frozen pretrained features: validation macro "
+                 f"recall **{floor['val_macro_recall']:.3f}** (accuracy {floor['val_accuracy']:.3f}). A fine-tuned "
+                 f"model must beat this to be worth its training."]
+    else:
+        lines = ["### Linear-probe floor\nNot computed: the weights are random (or there is no validation split), so "
+                 "there is no floor to compare with."]
+    if result is None:
+        lines.append(f"Recipe `probe`: the checkpoint is the frozen body with the logistic-regression head "
+                     f"({seconds:.0f} s, features and fit). No epochs, so no training curves.")
+    else:
+        epochs = len(result.history)
+        verdict = ""
+        if floor is not None:
+            gain = result.best_val_macro_recall - floor["val_macro_recall"]
+            verdict = f" Fine-tuning {'beats' if gain > 0 else 'does not beat'} the probe floor by {gain:+.3f}."
+        lines.append(f"Best epoch **{result.best_epoch}** of {epochs} (validation macro recall "
+                     f"{result.best_val_macro_recall:.3f}); {'stopped early' if result.stopped_early else 'ran all epochs'}; "
+                     f"{result.seconds:.0f} s ({result.seconds / epochs:.1f} s per epoch).{verdict}")
+    return "\n\n".join(lines)
+
+
+def summary(trained: Trained, P: dict, labels: list[str], y: dict, device, seconds: float, hist) -> dict:
+    """The record of `train/summary.json`."""
+    from lib import model as net
+
+    result, floor = trained.fit, trained.probe
+    return {"weights": trained.weights, "arch": P["arch"], "width": P["width"], "recipe": trained.recipe,
+            "notes": trained.notes, "probe_floor": floor, "device": str(device),
+            "best_epoch": 0 if result is None else result.best_epoch,
+            "best_val_macro_recall": (floor or {}).get("val_macro_recall") if result is None else result.best_val_macro_recall,
+            "epochs_run": 0 if result is None else len(hist),
+            "stopped_early": False if result is None else result.stopped_early, "seconds": seconds,
+            "first_train_loss": hist["train_loss"].astype(float).iloc[0],
+            "last_train_loss": hist["train_loss"].astype(float).iloc[-1], "classes": labels,
+            "train_images": int(len(y["train"])), "val_images": int(len(y["val"])),
+            "parameters": net.count_parameters(trained.model)}
