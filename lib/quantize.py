@@ -208,9 +208,10 @@ def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreeme
            fit_col: str | None = "fit", miss_col: str | None = "miss_rate_rise"):
     """The setting that loses least, recall first: settings within the gate's limits before the
     others, then the smallest rise in miss rate, then the smallest macro-recall drop (a gain counts
-    as no loss, since on a small split a gain is luck), then the highest argmax agreement with FP32;
-    among settings equal on all of these, the fastest (when `speed_col` is given), then the smallest
-    logit error. Returns the chosen row's index label."""
+    as no loss, since on a small split a gain is luck), then the highest argmax agreement with FP32,
+    then the smallest logit error; the measured speed (when `speed_col` is given) breaks only exact
+    ties. Every key before speed is a deterministic figure, so the same run keeps the same setting.
+    Returns the chosen row's index label."""
     def col(name):
         return np.asarray(table[name].astype(float).fillna(0.0), dtype=float)
 
@@ -219,10 +220,9 @@ def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreeme
         keys.append(~np.asarray(table[fit_col], dtype=bool))
     if miss_col is not None and miss_col in table:
         keys.append(np.clip(col(miss_col), 0, None).round(9))
-    keys += [np.clip(col(drop_col), 0, None).round(9), -col(agree_col).round(9)]
+    keys += [np.clip(col(drop_col), 0, None).round(9), -col(agree_col).round(9), col(err_col).round(9)]
     if speed_col is not None:
         keys.append(col(speed_col))
-    keys.append(col(err_col))
     order = np.lexsort(tuple(np.asarray(k, dtype=float) for k in reversed(keys)))
     return table.index[order[0]]
 
