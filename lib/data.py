@@ -272,7 +272,8 @@ def prepare(P: dict) -> dict:
         from lib import synthetic
 
         settings = {"seed": P["seed"], "n_per_class": P["synthetic_per_class"], "size": P["synthetic_size"],
-                    "classes": list(P["classes"]), "plant_copies": P["synthetic_plant_copies"]}
+                    "classes": list(P["classes"]), "plant_copies": P["synthetic_plant_copies"],
+                    "min_visibility": P["synthetic_min_visibility"], "subtle_share": P["synthetic_subtle_share"]}
         current = io.marker(root) or {}
         if current.get("what") != synthetic.WHAT or current.get("settings") != settings:
             t = time.perf_counter()
@@ -286,7 +287,8 @@ def prepare(P: dict) -> dict:
 
             synthetic.render_dataset(root, n_per_class=settings["n_per_class"], seed=settings["seed"],
                                      size=settings["size"], classes=tuple(settings["classes"]), workers=2,
-                                     progress=True, finish=finish)
+                                     progress=True, finish=finish, min_visibility=settings["min_visibility"],
+                                     subtle_share=settings["subtle_share"])
             print(f"rendered the synthetic dataset into {root} in {time.perf_counter() - t:.1f} s")
         info["render_seconds"] = io.marker(root)["render_seconds"]
     elif not root.is_dir():

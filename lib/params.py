@@ -53,6 +53,10 @@ SCHEMA: dict[str, Param] = {
                                 "project creates and owns; it refuses any other)"),
     "synthetic_per_class": Param(int, "synthetic images per class"),
     "synthetic_size": Param(int, "synthetic image side in pixels"),
+    "synthetic_min_visibility": Param(_NUM, "synthetic defects are redrawn until their contrast-to-noise ratio "
+                                            "reaches this (1.5: every class plain to see; 0 = no floor)"),
+    "synthetic_subtle_share": Param(_NUM, "share of synthetic defect images held only to two thirds of that floor: "
+                                          "faint, but there"),
     "synthetic_plant_copies": Param(int, "known copies planted per kind (exact, re-encoded, resized, brightness, "
                                          "crop, _augN) to score the leakage audit; 0 = none"),
     "classes": Param(list, "class names, in label order"),
@@ -90,8 +94,12 @@ SCHEMA: dict[str, Param] = {
                                  "when the file name carries torchvision's digest"),
     "weights_fallback": Param(str, "used when weights=imagenet cannot be obtained", choices=("none", "fail")),
     "recipe": Param(str, "probe: logistic regression on frozen pretrained features; lpft: that probe, then "
-                         "fine-tuning from it; ft: train everything from the start (probe and lpft need pretrained "
-                         "weights and become ft without them)", choices=("ft", "lpft", "probe")),
+                         "fine-tuning from it; partial: that probe, then fine-tuning of the blocks after the first "
+                         "freeze_blocks on their activations cached once per image and view; ft: train everything "
+                         "from the start (probe, lpft and partial need pretrained weights and become ft without "
+                         "them)", choices=("ft", "lpft", "partial", "probe")),
+    "cache_views": Param(int, "recipe partial: views per training image whose trunk activations are cached (the "
+                              "image itself and cache_views - 1 augmented draws)"),
     "probe_c": Param(_NUM, "inverse L2 strength of the linear probe's logistic regression (on standardised features)"),
     "body_lr_mult": Param(_NUM, "lpft: the body's learning rate as a fraction of lr (the head gets lr)"),
     "freeze_blocks": Param(int, "blocks of the body, stem first, kept frozen while fine-tuning (0 = none)"),
@@ -297,7 +305,8 @@ def save(params: dict[str, Any], folder: str | Path, name: str = "params.json") 
 
 
 # Keys the data-preparation step reads (lib.data prepare).
-DATA_KEYS = ("data_dir", "synthetic_dir", "synthetic_per_class", "synthetic_size", "synthetic_plant_copies",
+DATA_KEYS = ("data_dir", "synthetic_dir", "synthetic_per_class", "synthetic_size", "synthetic_min_visibility",
+             "synthetic_subtle_share", "synthetic_plant_copies",
              "classes", "seed", "build_dir")
 
 

@@ -193,6 +193,21 @@ def frontier(table: pd.DataFrame, fronts: dict[str, list[str]]):
     return fig
 
 
+def visibility_per_class(manifest: pd.DataFrame, floor: float):
+    """Each defect image's visibility (the contrast-to-noise ratio of its defect) by class, with the floor."""
+    defects = manifest[manifest["class"] != "clean"]
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    sns.boxplot(data=defects, x="class", y="visibility", ax=ax, color="C0", fliersize=2)
+    ax.axhline(floor, color="red", ls="--", lw=1, label=f"floor {floor:g}")
+    ax.axhline(floor * 2 / 3, color="orange", ls=":", lw=1, label="subtle floor")
+    ax.set_yscale("log")
+    ax.set_ylabel("defect CNR (log scale)")
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    return fig
+
+
 def confusion_heatmaps(counts: pd.DataFrame, normalized: pd.DataFrame, title: str = ""):
     """Counts and row-normalised confusion matrices side by side (rows: true class)."""
     n = len(counts)

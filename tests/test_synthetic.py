@@ -98,8 +98,9 @@ def test_every_class_renders(size):
         assert img.dtype == np.uint8 and img.shape == (size, size)
         assert img.std() > 2  # not blank
         json.dumps(params)
-        assert all(isinstance(v, (str, int, float, bool)) for v in params.values())
+        assert all(isinstance(v, (str, int, float, bool)) or (v is None and cls == "clean") for v in params.values())
         assert params["image_seed"] == S.image_seed(1, cls, i)
+        assert (params["visibility"] is None) == (cls == "clean")
         for key in ("layout", "pixel_nm", "defect", "n_defects", "electrons_per_px", "frames",
                     "noise_model", "beam_sigma_nm", "detector_sigma", "charging", "black_level",
                     "white_level", "gamma"):
@@ -242,10 +243,10 @@ def test_render_dataset_is_atomic(tmp_path, monkeypatch):
     # failure in the middle of rendering: old folder intact, staging folder removed
     real = S.render_image
 
-    def flaky(seed, cls, index, *, size=224):
+    def flaky(seed, cls, index, **kwargs):
         if cls == "open":
             raise RuntimeError("boom")
-        return real(seed, cls, index, size=size)
+        return real(seed, cls, index, **kwargs)
 
     monkeypatch.setattr(S.render, "render_image", flaky)  # where the workers look it up
     for workers in (1, 2) if "fork" in mp.get_all_start_methods() else (1,):
@@ -258,3 +259,19 @@ def test_render_dataset_is_atomic(tmp_path, monkeypatch):
     S.render_dataset(out, n_per_class=1, classes=("vias",), size=48, workers=1)
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "manifest.csv", "vias"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_defects_are_redrawn_until_visible_and_the_noise_never_is():
+    """A defect below the visibility floor is redrawn (same layout and imaging); clean images and the
+    imaging parameters do not depend on the floor."""
+    for cls, i in (("cracks", 2), ("cracks", 9), ("CMP(scratch)", 4)):
+        _, loose = S.render_image(0, cls, i, size=96, min_visibility=0.0)
+        _, strict = S.render_image(0, cls, i, size=96, min_visibility=1.5, subtle_share=0.0)
+        assert loose["visibility_draws"] == 1
+        assert strict["visibility"] >= min(1.5, loose["visibility"]) - 1e-9
+        assert strict["visibility"] >= 1.5 or strict["visibility_draws"] == 12  # or the most visible of twelve
+        for key in ("snr_nominal", "frames", "electrons_per_px", "detector_sigma", "layout", "pixel_nm"):
+            assert strict[key] == loose[key], key
+    a, pa = S.render_image(0, "clean", 3, size=96, min_visibility=0.0)
+    b, pb = S.render_image(0, "clean", 3, size=96, min_visibility=3.0)
+    assert np.array_equal(a, b) and pa == pb

@@ -9,6 +9,6 @@ image is a pure function of (seed, class, index) (`render`).
 """
 
 from lib.synthetic.geometry import CLASSES, LAYOUTS, image_seed
-from lib.synthetic.render import WHAT, render_dataset, render_image
+from lib.synthetic.render import WHAT, render_dataset, render_image, visibility_summary
 
-__all__ = ["CLASSES", "LAYOUTS", "WHAT", "image_seed", "render_image", "render_dataset"]
+__all__ = ["CLASSES", "LAYOUTS", "WHAT", "image_seed", "render_image", "render_dataset", "visibility_summary"]

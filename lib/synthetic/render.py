@@ -15,10 +15,12 @@ import numpy as np
 
 from lib.synthetic.geometry import CLASSES, _Canvas, _check_class, image_seed
 from lib.synthetic.scene import _build_scene
-from lib.synthetic.imaging import _draw_imaging, _form_image
+from lib.synthetic.imaging import _draw_imaging, _form_image, _record, _signal, visibility
 
 
 def _py(v):
+    if v is None:
+        return None
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, (int, np.integer)):
@@ -28,26 +30,63 @@ def _py(v):
     return str(v)
 
 
-def render_image(seed: int, cls: str, index: int, *, size: int = 224) -> tuple[np.ndarray, dict]:
+MIN_VISIBILITY = 1.5  # the defect's CNR (imaging.visibility) above which every class is plain to see
+SUBTLE_SHARE = 0.1  # defect images held only to two thirds of it: faint, but there
+SUBTLE_FLOOR = 2 / 3
+_VISIBILITY_TRIES = 12
+
+
+def render_image(seed: int, cls: str, index: int, *, size: int = 224, min_visibility: float = MIN_VISIBILITY,
+                 subtle_share: float = SUBTLE_SHARE) -> tuple[np.ndarray, dict]:
     """Render one image: a (size, size) uint8 grayscale array and a flat dict of drawn parameters.
 
     A pure function of its arguments (byte-identical in any process). Imaging parameters come from
     a stream that never depends on the class; only the defect geometry (and the layouts allowed
     for the class) differ. Unknown class -> ValueError naming the class.
+
+    A review image exists because an inspection tool found a defect there, so a defect image shows
+    its defect: its visibility (`imaging.visibility`, the contrast-to-noise ratio of the defect's own
+    mask) must reach `min_visibility`, or two thirds of it for a `subtle_share` of images; the defect is
+    redrawn (new geometry and contrast, same layout and imaging) until it does, keeping the most
+    visible draw when none does. The noise is never changed for this: it would tell classes apart.
     """
     _check_class(cls)
     size = int(size)
     if size < 16:
         raise ValueError(f"size must be >= 16, got {size}")
     iseed = image_seed(seed, cls, index)
-    r_img, r_lay, r_def, r_noise = (np.random.default_rng(s) for s in np.random.SeedSequence(iseed).spawn(4))
+    seeds = np.random.SeedSequence(iseed).spawn(5)
+    r_img, r_lay, r_def, r_noise, r_vis = (np.random.default_rng(s) for s in seeds)
     ip = _draw_imaging(r_img)
     cv = _Canvas(size, ip["pixel_nm"])
-    geo: dict = {}
-    sc = _build_scene(cv, cls, r_lay, r_def, geo)
-    img = _form_image(sc, ip, r_noise)
     params = {"image_seed": iseed, "size": size}
+    if cls == "clean":
+        geo: dict = {}
+        img = _form_image(_build_scene(cv, cls, r_lay, r_def, geo), ip, r_noise)
+        vis: dict = {"visibility": None, "defect_area_px": 0, "subtle": False,
+                     "visibility_draws": 0}
+    else:
+        subtle = bool(r_vis.random() < subtle_share)
+        floor = min_visibility * (SUBTLE_FLOOR if subtle else 1.0)
+        reference = _signal(_build_scene(cv, cls, np.random.default_rng(seeds[1]), None, {}), ip,
+                            np.random.default_rng(seeds[3]))
+        best = None
+        for draw in range(_VISIBILITY_TRIES):
+            r_def = np.random.default_rng(seeds[2] if draw == 0 else [iseed, 2, draw])
+            geo = {}
+            sc = _build_scene(cv, cls, np.random.default_rng(seeds[1]), r_def, geo)
+            rn = np.random.default_rng(seeds[3])
+            Y = _signal(sc, ip, rn)
+            v = visibility(Y, reference, ip)
+            if best is None or v["visibility"] > best[0]["visibility"]:
+                best = (v, geo, Y, rn, draw)
+            if v["visibility"] >= floor:
+                break
+        v, geo, Y, rn, _ = best
+        img = _record(Y, ip, rn)
+        vis = {**v, "subtle": subtle, "visibility_draws": draw + 1}  # draws made (the most visible is kept)
     params.update(geo)
+    params.update(vis)
     params.update({k: v for k, v in ip.items() if not k.startswith("_")})
     return img, {k: _py(v) for k, v in params.items()}
 
@@ -63,10 +102,10 @@ def _progress(enabled: bool, total: int):
 
 
 def _render_task(task):
-    seed, cls, index, size, root = task
+    seed, cls, index, size, root, min_visibility, subtle_share = task
     from PIL import Image
 
-    img, params = render_image(seed, cls, index, size=size)
+    img, params = render_image(seed, cls, index, size=size, min_visibility=min_visibility, subtle_share=subtle_share)
     rel = f"{cls}/{_slug(cls)}_{index:04d}.png"
     Image.fromarray(img).save(os.path.join(root, rel), format="PNG", compress_level=1)
     return rel, cls, index, params
@@ -76,7 +115,8 @@ WHAT = "synthetic dataset"  # what lib.io's ownership marker calls a rendered fo
 
 
 def render_dataset(out_dir, *, n_per_class: int | dict = 150, seed: int = 0, size: int = 224,
-                   classes=CLASSES, workers: int = 2, progress: bool = False, finish=None):
+                   classes=CLASSES, workers: int = 2, progress: bool = False, finish=None,
+                   min_visibility: float = MIN_VISIBILITY, subtle_share: float = SUBTLE_SHARE):
     """Render out_dir/<class>/<slug>_<index:04d>.png plus out_dir/manifest.csv; return the manifest.
 
     n_per_class is a count per class or a dict class -> count (classes absent from the dict get
@@ -113,7 +153,8 @@ def render_dataset(out_dir, *, n_per_class: int | dict = 150, seed: int = 0, siz
         for c in classes:
             if counts[c]:
                 (tmp / c).mkdir()
-            tasks += [(int(seed), c, i, int(size), str(tmp)) for i in range(counts[c])]
+            tasks += [(int(seed), c, i, int(size), str(tmp), float(min_visibility), float(subtle_share))
+                      for i in range(counts[c])]
         results = []
         if workers <= 1 or len(tasks) <= 1:
             with _progress(progress, len(tasks)) as bar:
@@ -145,3 +186,16 @@ def render_dataset(out_dir, *, n_per_class: int | dict = 150, seed: int = 0, siz
 
     replace_folder(Path(out_dir), fill, WHAT)
     return manifest["df"]
+
+
+def visibility_summary(manifest, floor: float):
+    """Per defect class, from a rendering's manifest: the defects' visibility (median, 10th
+    percentile), the share below the floor, the share held only to the subtle floor, and how many
+    draws the floor took on average."""
+    import pandas as pd
+
+    defects = manifest[manifest["class"] != "clean"]
+    g = defects.groupby("class")
+    return pd.DataFrame({"median visibility": g["visibility"].median(), "10th percentile": g["visibility"].quantile(0.1),
+                         "below the floor": g["visibility"].apply(lambda v: float((v < floor).mean())),
+                         "subtle (two-thirds floor)": g["subtle"].mean(), "draws": g["visibility_draws"].mean()}).round(2)

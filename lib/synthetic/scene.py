@@ -52,6 +52,8 @@ def _draw_lines(cv: _Canvas, rng, params: dict) -> _Lines:
 
 
 def _build_scene(cv: _Canvas, cls: str, r_lay, r_def, params: dict) -> _Scene:
+    """The class's layout (from r_lay) with its defects (from r_def); r_def None draws the same layout
+    without them (the reference a defect's visibility is measured against)."""
     sc = _Scene(cv)
     layout = _choose_layout(cls, r_lay.random())
     params["layout"] = layout
@@ -99,6 +101,13 @@ def _build_scene(cv: _Canvas, cls: str, r_lay, r_def, params: dict) -> _Scene:
         sc.mat = np.where(m, _F32(contrast), _F32(0))
 
     # --- defects (own random stream; imaging parameters never depend on them) ---
+    if r_def is None:
+        if lines is not None:
+            lines.finalize()
+            sc.h = lines.raster().astype(_F32)
+        if transpose:
+            sc.transpose()
+        return sc
     n_def = int(r_def.integers(1, 4))
     kinds: list[str] = []
     count = 0
