@@ -98,6 +98,61 @@ def build_model(n_classes: int, *, arch: str = "mobilenet_v2", width: float = 1.
     return model
 
 
+def units(model: nn.Module) -> int:
+    """How many body units the network has (stem, blocks, head convolution): what freeze_blocks counts."""
+    return len(model.features) if model.arch == "mobilenet_v2" else len(model.features._blocks) + 2
+
+
+def trunk(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k body units of the network applied to its input x (what `Top` continues from)."""
+    if model.arch == "mobilenet_v2":
+        return model.features[:k](x)
+    b = model.features
+    x = x * model.in_scale + model.in_shift
+    if k >= 1:
+        x = b._swish(b._bn0(b._conv_stem(x)))
+    for i in range(min(k - 1, len(b._blocks))):
+        x = b._blocks[i](x, drop_connect_rate=b._global_params.drop_connect_rate * i / len(b._blocks))
+    if k == units(model):
+        x = b._swish(b._bn1(b._conv_head(x)))
+    return x
+
+
+class Top(nn.Module):
+    """The network after its first k body units: the rest of the body, pooling and the classifier, sharing
+    the network's own modules (training this trains the network). `features` holds the top's body units
+    and `classifier` the head, as the training engine expects."""
+
+    def __init__(self, model: nn.Module, k: int):
+        super().__init__()
+        if not 1 <= k < units(model):
+            raise ValueError(f"freeze_blocks must be between 1 and {units(model) - 1} for {model.arch}, got {k}")
+        self.net, self.k = model, k
+        if model.arch == "mobilenet_v2":
+            self.features = nn.ModuleList(list(model.features)[k:])
+        else:
+            b = model.features
+            self.features = nn.ModuleList(list(b._blocks)[k - 1:] + [b._conv_head, b._bn1])
+        self.classifier = model.classifier
+
+    def pool(self, a: torch.Tensor) -> torch.Tensor:
+        m = self.net
+        if m.arch == "mobilenet_v2":
+            x = a
+            for block in self.features:
+                x = block(x)
+            return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        b = m.features
+        x = a
+        for i in range(self.k - 1, len(b._blocks)):
+            x = b._blocks[i](x, drop_connect_rate=b._global_params.drop_connect_rate * i / len(b._blocks))
+        x = b._swish(b._bn1(b._conv_head(x)))
+        return torch.flatten(b._avg_pooling(x), 1)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(a))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

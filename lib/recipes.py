@@ -4,6 +4,9 @@
   its pooled features becomes the linear head;
 - `lpft`: that probe, then fine-tuning of the whole network from it (body at a lower learning
   rate, the first blocks optionally frozen);
+- `partial`: that probe, then fine-tuning of the top blocks only, on the frozen trunk's
+  activations computed once per image and augmented view (`cache_views`): many epochs for the
+  price of a few;
 - `ft`: everything trains from the start (what random weights need).
 
 `prepare` builds the model and loads its weights (`lib.model`); `train_recipe` runs the recipe
@@ -103,7 +106,43 @@ def probe_history(probe: dict | None, seconds: float) -> "pd.DataFrame":
                           "lr": 0.0, "seconds": seconds}])
 
 
-RECIPES = ("ft", "lpft", "probe")
+RECIPES = ("ft", "lpft", "partial", "probe")
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Cached trunk activations [N, V, C, H, W] (float16) and labels: each draw of an item is one of
+    its V views, chosen at random (view 0, the image itself, when V is 1)."""
+
+    def __init__(self, acts: np.ndarray, labels: np.ndarray):
+        self.acts = acts
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        v = int(torch.randint(self.acts.shape[1], ())) if self.acts.shape[1] > 1 else 0
+        return torch.from_numpy(self.acts[i, v].astype(np.float32)), self.labels[i]
+
+
+@torch.inference_mode()
+def trunk_views(model: nn.Module, gray: np.ndarray, k: int, views: int, augment=None, device="cpu",
+                batch_size: int = 32) -> np.ndarray:
+    """The first k body units' activations of every image [N, views, C, H, W] (float16): view 0 is
+    the image itself, the others are augmented draws of it (`augment`, on the grayscale image)."""
+    from lib import model as net
+
+    model.eval().to(device)
+    out = None
+    for i in range(0, len(gray), batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(gray[i : i + batch_size])).float()
+        for v in range(views):
+            x = chunk if v == 0 else torch.stack([augment(g) for g in chunk])
+            a = net.trunk(model, normalize(x.to(device)).contiguous(memory_format=torch.channels_last), k)
+            if out is None:
+                out = np.empty((len(gray), views, *a.shape[1:]), np.float16)
+            out[i : i + len(chunk), v] = a.float().cpu().numpy()
+    return out
 
 
 @dataclass
@@ -159,7 +198,17 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
     has_val = "val" in gray and len(gray["val"]) > 0
     on_best = on_best or (lambda *a: None)
     counts = np.bincount(y["train"], minlength=n_classes)
-    if out.recipe in ("probe", "lpft"):
+    top, acts = None, {}
+    if out.recipe == "partial":
+        from lib import model as net
+
+        k = P["freeze_blocks"]
+        top = net.Top(model, k)  # checks k
+        freeze(model, k)
+        acts = {s: trunk_views(model, gray[s], k, P["cache_views"] if s == "train" else 1,
+                               augmentation(P) if s == "train" else None, device) for s in gray}
+        features = {s: _top_features(top, acts[s][:, 0], device) for s in acts}
+    if out.recipe in ("probe", "lpft", "partial"):
         features = features or {}
         feats = features["train"] if "train" in features else pooled_features(model, gray["train"], device)
         w, b, clf = linear_probe(feats, y["train"], n_classes, balanced=P["class_weights"], c=P["probe_c"],
@@ -177,18 +226,32 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
     weights_ce = class_weights(y["train"], n_classes) if P["class_weights"] else torch.ones(n_classes)
     weights_ce[torch.from_numpy(counts == 0)] = 0.0
     criterion = nn.CrossEntropyLoss(weight=weights_ce.to(device), label_smoothing=P["label_smoothing"])
-    frozen = freeze(model, P["freeze_blocks"]) if P["freeze_blocks"] > 0 else []
-    train_loader = make_loader(GrayDataset(gray["train"], y["train"], augmentation(P)), batch_size=P["batch_size"],
-                               train=True, generator=generator, balanced=P["weighted_sampler"])
-    val_loader = (make_loader(GrayDataset(gray["val"], y["val"]), batch_size=64, train=False, generator=generator)
-                  if has_val else None)
-    out.fit = fit(model, train_loader, val_loader, n_classes=n_classes, epochs=P["epochs"], lr=P["lr"],
+    if top is not None:  # the top blocks learn from cached activations; the checkpoint is the whole network
+        fitted, frozen, best = top, [], (lambda m, epoch, val: on_best(m.net, epoch, val))
+        train_set, val_set = ViewDataset(acts["train"], y["train"]), ViewDataset(acts["val"], y["val"]) if has_val else None
+    else:
+        fitted, best = model, on_best
+        frozen = freeze(model, P["freeze_blocks"]) if P["freeze_blocks"] > 0 else []
+        train_set = GrayDataset(gray["train"], y["train"], augmentation(P))
+        val_set = GrayDataset(gray["val"], y["val"]) if has_val else None
+    train_loader = make_loader(train_set, batch_size=P["batch_size"], train=True, generator=generator,
+                               balanced=P["weighted_sampler"])
+    val_loader = make_loader(val_set, batch_size=64, train=False, generator=generator) if has_val else None
+    out.fit = fit(fitted, train_loader, val_loader, n_classes=n_classes, epochs=P["epochs"], lr=P["lr"],
                   weight_decay=P["weight_decay"], warmup_epochs=P["warmup_epochs"], patience=P["patience"],
-                  device=device, criterion=criterion, on_best=on_best, progress=progress,
-                  body_lr_mult=P["body_lr_mult"] if out.recipe == "lpft" else 1.0, frozen=frozen,
+                  device=device, criterion=criterion, on_best=best, progress=progress,
+                  body_lr_mult=P["body_lr_mult"] if out.recipe in ("lpft", "partial") else 1.0, frozen=frozen,
                   ema_decay=P["ema_decay"])
-    out.model = out.fit.last
+    out.model = out.fit.last.net if top is not None else out.fit.last
     return out
+
+
+@torch.inference_mode()
+def _top_features(top: nn.Module, acts: np.ndarray, device, batch_size: int = 64) -> np.ndarray:
+    """Pooled features of cached trunk activations through the top blocks (in eval mode)."""
+    top.eval().to(device)
+    return np.concatenate([top.pool(torch.from_numpy(acts[i : i + batch_size].astype(np.float32)).to(device))
+                           .float().cpu().numpy() for i in range(0, len(acts), batch_size)])
 
 
 def describe_weights(prepared: Trained, P: dict, device) -> str:

@@ -11,8 +11,8 @@ from lib import engine, model as net, params, presets, recipes, shifts
 
 def tiny_params(**over):
     P = params.read_file(params.BASE)
-    P.update(image_size=32, epochs=2, batch_size=8, warmup_epochs=0.5, patience=5, deterministic=True,
-             aug_resolution=0.5, aug_gamma=0.4, aug_jpeg=30, **over)
+    P.update({"image_size": 32, "epochs": 2, "batch_size": 8, "warmup_epochs": 0.5, "patience": 5,
+              "deterministic": True, "aug_resolution": 0.5, "aug_gamma": 0.4, "aug_jpeg": 30, **over})
     return P
 
 
@@ -170,3 +170,31 @@ def test_down_up_shift_removes_detail():
 def test_unknown_shift_is_named():
     with pytest.raises(KeyError, match="unknown shift 'sepia'"):
         shifts.apply("sepia", np.zeros((4, 4), np.float32))
+
+
+def test_partial_trains_only_the_top_blocks_on_cached_activations():
+    gray, y = tiny_data()
+    P = tiny_params(arch="efficientnet_lite0", weights="imagenet", recipe="partial", freeze_blocks=14, cache_views=3,
+                    epochs=3, ema_decay=0.0)
+    prepared = recipes.prepare(P, 3)
+    before = [{k: v.clone() for k, v in b.state_dict().items()} for b in recipes.body_blocks(prepared.model)]
+    saved = []
+    out = recipes.train_recipe(P, {"train": gray, "val": gray}, {"train": y, "val": y}, 3, device="cpu",
+                               generator=engine.seed_everything(0), progress=False, prepared=prepared,
+                               on_best=lambda m, e, v: saved.append((m, e)))
+    after = recipes.body_blocks(out.model)
+    for i, (b0, block) in enumerate(zip(before, after)):
+        same = all(torch.equal(b0[k], v) for k, v in block.state_dict().items())
+        assert same == (i < 14), f"unit {i}"
+    assert out.probe is not None and len(out.fit.history) == 3
+    assert saved and all(m is out.model for m, _ in saved)  # the whole network is what gets checkpointed
+    acts = recipes.trunk_views(out.model, gray[:4], 14, 2, presets.augmentation(P))
+    assert acts.shape[:2] == (4, 2) and acts.dtype == np.float16
+    from lib import model as net
+    from lib.preprocess import normalize
+
+    x = normalize(torch.from_numpy(gray[:4]))
+    with torch.inference_mode():
+        whole = out.model.eval()(x)
+        parts = net.Top(out.model, 14)(net.trunk(out.model, x, 14))
+    assert torch.allclose(whole, parts, atol=1e-5)

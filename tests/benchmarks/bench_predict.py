@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import sem_like  # noqa: E402
 
-from lib import data, export, model as net, params  # noqa: E402
+from lib import data, export, model as net, params, preprocess  # noqa: E402
 
 
 def make_bundle(folder: Path) -> Path:
@@ -35,7 +35,7 @@ def make_bundle(folder: Path) -> Path:
     m = net.build_model(len(classes), image_size=size).eval()
     export.export_onnx(m, folder / "model.onnx", size=size)
     export.write_labels(folder, classes)
-    (folder / "preprocessing.json").write_text(json.dumps(data.preprocessing_spec(size)))
+    (folder / "preprocessing.json").write_text(json.dumps(preprocess.preprocessing_spec(size)))
     export.write_bundle_manifest(folder, review_threshold=base["review_threshold"], int8_fit=True)
     return folder / "model.onnx"
 

@@ -1,0 +1,125 @@
+"""Benchmark: where the training stage's time goes, and what each speed-up buys.
+
+    .venv/bin/python tests/benchmarks/bench_training.py [--images 256] [--out build/bench/training.json]
+
+On synthetic-like 224-px images decoded to the base parameters' input size, times (images per
+second, the median of three timed passes after a warm-up):
+
+- augmentation alone (the train preset on decoded grayscale images), one process;
+- a whole-network training step (forward, backward, AdamW) of EfficientNet-Lite0 and MobileNetV2 at
+  the base input size, with 1 and 2 threads, with and without channels_last, and compiled with
+  torch.compile where it runs on this CPU;
+- the `partial` recipe: caching the frozen trunk's activations (per view) and one training step of
+  the top blocks on them, at the base freeze_blocks.
+
+Prints a table and writes it as JSON; the README quotes it. Figures taken while other work runs on
+the machine are lower bounds: the load average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import sem_like  # noqa: E402
+
+from lib import engine, model as net, params, presets, recipes  # noqa: E402
+from lib.io import claim, write_json_atomic  # noqa: E402
+from lib.preprocess import fit_square, normalize  # noqa: E402
+
+
+def rate(fn, n_images: int, repeats: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return n_images / statistics.median(times)
+
+
+def step_fn(model, x, y, batch: int, fitted=None):
+    fitted = fitted or model
+    opt = torch.optim.AdamW([p for p in fitted.parameters() if p.requires_grad], lr=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run():
+        fitted.train()
+        for i in range(0, len(x), batch):
+            loss = loss_fn(fitted(x[i : i + batch]), y[i : i + batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--out", default=str(ROOT / "build" / "bench" / "training.json"))
+    args = ap.parse_args()
+    P = params.read_file(params.BASE)
+    size, batch, n = P["image_size"], P["batch_size"], args.images
+    gray = np.stack([fit_square(sem_like(i, 224).astype(np.float32) / 255, size) for i in range(n)])[:, None]
+    y = torch.from_numpy(np.arange(n) % 8)
+    rows = []
+    augment = presets.augmentation(P)
+    t = torch.from_numpy(gray)
+    rows.append({"what": "augmentation (train preset), 1 process", "images/s": rate(lambda: [augment(g) for g in t], n)})
+    x = normalize(t)
+    for arch in ("efficientnet_lite0", "mobilenet_v2"):
+        for threads in (1, 2):
+            for channels_last in (False, True):
+                torch.set_num_threads(threads)
+                model = net.build_model(8, arch=arch, image_size=size)
+                xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+                if channels_last:
+                    model = model.to(memory_format=torch.channels_last)
+                rows.append({"what": f"{arch} whole-network step, {threads} thread(s)"
+                                     f"{', channels_last' if channels_last else ''}",
+                             "images/s": rate(step_fn(model, xx, y, batch), n)})
+        torch.set_num_threads(2)
+        try:
+            model = net.build_model(8, arch=arch, image_size=size).to(memory_format=torch.channels_last)
+            compiled = torch.compile(model)
+            rows.append({"what": f"{arch} whole-network step, 2 threads, channels_last, torch.compile",
+                         "images/s": rate(step_fn(compiled, x.contiguous(memory_format=torch.channels_last), y, batch), n)})
+        except Exception as e:  # noqa: BLE001 - report, do not fail: compile needs a C++ toolchain
+            rows.append({"what": f"{arch} torch.compile", "images/s": None, "note": f"{type(e).__name__}: {e}"[:200]})
+    # the partial recipe: trunk activations cached once per view, then the top blocks alone
+    torch.set_num_threads(2)
+    k = P["freeze_blocks"] or 12
+    model = net.build_model(8, arch="efficientnet_lite0", image_size=size).to(memory_format=torch.channels_last)
+    rows.append({"what": f"efficientnet_lite0 trunk caching (first {k} units), per view",
+                 "images/s": rate(lambda: recipes.trunk_views(model, gray, k, 1), n)})
+    acts = torch.from_numpy(recipes.trunk_views(model, gray, k, 1)[:, 0].astype(np.float32))
+    top = net.Top(model, k)
+    recipes.freeze(model, k)
+    rows.append({"what": f"efficientnet_lite0 top-blocks step on cached activations (after unit {k})",
+                 "images/s": rate(step_fn(model, acts.contiguous(memory_format=torch.channels_last), y, batch, top), n)})
+    info = {"image_size": size, "batch_size": batch, "images": n, "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "load_average": os.getloadavg(), "rows": rows}
+    for r in rows:
+        shown = "-" if r["images/s"] is None else f"{r['images/s']:8.1f}"
+        print(f"{shown} images/s  {r['what']}" + (f"  ({r['note']})" if r.get("note") else ""))
+    print(f"input {size} px, batch {batch}, load average {info['load_average']}")
+    claim(Path(args.out).parent, "benchmarks")
+    write_json_atomic(args.out, info)
+
+
+if __name__ == "__main__":
+    main()
