@@ -44,12 +44,14 @@ help: ## list the targets
 
 env: $(ENV) ## create the virtual environment (.venv) from requirements.txt
 
+# The environment, timed: .ready records how long its creation took (the index shows it).
 $(ENV): requirements.txt pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e .
-	@touch $@
+	@start=$$(date +%s); set -e; \
+	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	echo "$(PY) -m pip install --quiet --upgrade pip"; $(PY) -m pip install --quiet --upgrade pip; \
+	echo "$(PY) -m pip install --quiet -r requirements.txt"; $(PY) -m pip install --quiet -r requirements.txt; \
+	$(PY) -m pip install --quiet --no-deps -e .; \
+	printf '{"seconds": %d}\n' $$(( $$(date +%s) - start )) > $@
 
 # Resolved parameters, one file per stage, rewritten only when their content changes,
 # so a stage reruns only when a key it reads changed.
@@ -119,7 +121,7 @@ pretrain: $(STAGEPAR)/all.yaml ## train (or reuse) the synthetic-pretrained body
 	$(PY) -m lib.pretrain --params $(STAGEPAR)/all.yaml
 
 $(INDEX): $(EDA) $(AUDIT) $(TRAIN) $(EVAL) $(EXPORT) $(LIB)
-	$(PY) -m lib.index --build $(BUILD) --reports $(REPORTS)
+	$(PY) -m lib.index --build $(BUILD) --reports $(REPORTS) --venv $(VENV)
 
 test: $(ENV) ## run the whole test suite: unit, data and end-to-end (every README route at small size)
 	$(PY) -m pytest
@@ -135,6 +137,7 @@ bench: $(ENV) ## benchmark scripts (figures quoted in the README)
 	$(PY) tests/benchmarks/bench_synthetic.py
 	$(PY) tests/benchmarks/bench_leakage.py
 	$(PY) tests/benchmarks/bench_predict.py
+	$(PY) tests/benchmarks/bench_training.py
 
 # Only what the project created goes: folders carrying its marker, and its report files.
 clean: ## remove artifacts and reports (keeps data/ and .venv; never touches folders the project did not create)

@@ -26,14 +26,19 @@ STAGES = [
 
 
 def _json(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}
+    try:
+        record = read_json(path) if path.is_file() else {}
+    except ValueError:  # an older, empty stamp
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
-def stage_seconds(executed: Path) -> float | None:
-    """Wall time papermill recorded for an executed notebook."""
+def stage_figures(executed: Path) -> tuple[float | None, float | None]:
+    """Wall time papermill recorded for an executed notebook, and its kernel's peak memory (MiB)."""
     if not executed.is_file():
-        return None
-    return nbformat.read(str(executed), as_version=4).metadata.get("papermill", {}).get("duration")
+        return None, None
+    meta = nbformat.read(str(executed), as_version=4).metadata
+    return meta.get("papermill", {}).get("duration"), meta.get("sem_defects", {}).get("kernel_peak_rss_mib")
 
 
 def headline(build: Path) -> dict:
@@ -63,7 +68,6 @@ def headline(build: Path) -> dict:
         "INT8 vs FP32, test: macro-recall drop / miss-rate rise (points)": _pair(e.get("int8"), "test_macro_recall_drop",
                                                                                   "test_miss_rate_rise"),
         "CPU": e.get("machine", {}).get("cpu"),
-        "dataset render (s)": d.get("render_seconds"),
     }
 
 
@@ -81,15 +85,20 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def build_index(build: Path, reports: Path) -> Path:
+def build_index(build: Path, reports: Path, venv: Path | None = None) -> Path:
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in headline(build).items())
     stage_rows = []
     total = 0.0
+    env = _json(venv / ".ready") if venv is not None else {}
+    render = _json(build / "dataset.json").get("render_seconds")
+    for label, secs in (("environment (creating .venv; once per clone)", env.get("seconds")),
+                        ("rendering the embedded dataset (when it changes)", render)):
+        stage_rows.append(f"<tr><td>{html.escape(label)}</td><td></td><td>{_fmt(secs)}</td><td>–</td></tr>")
     for name, what in STAGES:
-        secs = stage_seconds(build / "notebooks" / f"{name}.ipynb")
+        secs, rss = stage_figures(build / "notebooks" / f"{name}.ipynb")
         total += secs or 0
         stage_rows.append(f"<tr><td><a href='{name}.html'>{name}</a></td><td>{html.escape(what)}</td>"
-                          f"<td>{_fmt(secs)}</td></tr>")
+                          f"<td>{_fmt(secs)}</td><td>{_fmt(rss)}</td></tr>")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SEM defect classification: reports</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}}
@@ -98,8 +107,8 @@ th{{background:#f4f4f4}}</style></head><body>
 <h1>SEM defect classification: reports</h1>
 <p>Rendered {stamp} from <code>{html.escape(str(build))}</code>.</p>
 <h2>Headline figures (test split)</h2><table>{rows}</table>
-<h2>Stages</h2><table><tr><th>report</th><th>contents</th><th>wall time (s)</th></tr>{''.join(stage_rows)}
-<tr><th colspan=2>all notebooks</th><th>{total:.1f}</th></tr></table>
+<h2>Stages</h2><table><tr><th>report</th><th>contents</th><th>wall time (s)</th><th>peak memory (MiB)</th></tr>{''.join(stage_rows)}
+<tr><th colspan=2>all notebooks</th><th>{total:.1f}</th><th></th></tr></table>
 </body></html>
 """
     claim(reports, "reports folder")
@@ -110,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write reports/index.html.")
     ap.add_argument("--build", default="build")
     ap.add_argument("--reports", default="reports")
+    ap.add_argument("--venv", default=None, help="the environment folder, whose .ready records its creation time")
     args = ap.parse_args(argv)
     from lib.io import OwnershipError
 
     try:
-        print(build_index(Path(args.build), Path(args.reports)))
+        print(build_index(Path(args.build), Path(args.reports), Path(args.venv) if args.venv else None))
     except OwnershipError as e:
         print(f"error: {e} (REPORTS=...)", file=sys.stderr)
         return 2

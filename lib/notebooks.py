@@ -80,6 +80,11 @@ def execute(notebook: str | Path, executed: str | Path, params: dict, *, timeout
             if out.exists():
                 out.replace(tmp)
         nbformat.validate(nb)
+        # the kernel is this process's child: its peak resident memory, for the index
+        import resource
+
+        nb.metadata["sem_defects"] = {"kernel_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+        nbformat.write(nb, str(tmp))
     return nb
 
 
