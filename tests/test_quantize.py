@@ -81,6 +81,14 @@ def test_every_calibration_method_quantises(mobilenet, tmp_path, activation):
         assert runtime.run(runtime.session(q), inputs(2)).shape == (2, 4)
 
 
+def test_histogram_calibration_in_chunks_matches_the_image_count(mobilenet, tmp_path):
+    # 13 images (prime) go through one at a time, 20 in two chunks of 10: both calibrate every image
+    _, _, prepared = mobilenet
+    for n in (13, 20):
+        q = quantize.quantize(prepared, tmp_path / f"p{n}.onnx", inputs(n), quantize.Setting("S8", False, "Percentile"))
+        assert runtime.run(runtime.session(q), inputs(2)).shape == (2, 4)
+
+
 def test_efficientnet_lite0_quantises(tmp_path):
     _, fp32, prepared = _export(tmp_path, "efficientnet_lite0", 64)
     q = quantize.quantize(prepared, tmp_path / "q.onnx", inputs(4, 64), quantize.Setting("S8", False, "MinMax"))
@@ -95,6 +103,8 @@ def test_search_scores_every_setting_and_choose_keeps_the_least_loss(mobilenet, 
     rows, paths = quantize.search(prepared, inputs(4), settings, lambda p: {"bytes": p.stat().st_size},
                                   work_dir=tmp_path)
     assert [r["setting"] for r in rows] == [s.name for s in settings] and all(p.is_file() for p in paths.values())
+    # the ranges belonged to that model: nothing is left for a later search (another model) to reuse
+    assert not list(tmp_path.glob("**/calibration_*.json"))
     table = pd.DataFrame({"macro_recall_drop": [0.02, -0.05, 0.0, 0.0], "agreement": [1.0, 0.9, 0.95, 0.95],
                           "mean_abs_logit_diff": [0.0, 0.0, 0.2, 0.1], "batch1_p50_ms": [1.0, 1.0, 2.0, 2.0]},
                          index=["a", "b", "c", "d"])
