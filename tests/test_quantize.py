@@ -66,6 +66,10 @@ def test_int8_model_is_qdq_per_channel_smaller_and_agrees(mobilenet, tmp_path):
                      and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and n.input[1] in inits]
     assert any(len(s.dims) == 1 and s.dims[0] > 1 for s in weight_scales), "weights must be quantised per channel"
     assert q.stat().st_size < 0.4 * fp32.stat().st_size
+    # the classifier stays FP32: its weight is a float initialiser, not dequantised from int8
+    (head,) = [n for n in proto.graph.node if n.op_type == "Gemm"]
+    assert quantize.classifier_nodes(prepared) == [head.name]
+    assert inits[head.input[1]].data_type == onnx.TensorProto.FLOAT
     assert (tmp_path / "calibration_MinMax.json").is_file()  # calibration cached for the other variants
     x = inputs(32, seed=5)
     fid = quantize.fidelity(runtime.run(runtime.session(fp32), x), runtime.run(runtime.session(q), x))
