@@ -6,10 +6,11 @@ one unreadable image), and checks byte for byte that the folder is exactly as it
 
 - presplit_probe: the recommended route, `params/own_dataset.example.yaml` copied and pointed at a
   pre-split folder (train / validate / test), as the README tells a user to;
-- unsplit_lpft: a folder with one sub-folder per class, `recipe: lpft` for one short epoch, the data
-  folder given by a data-only overlay;
+- unsplit_default: a folder with one sub-folder per class given by a data-only overlay, so the base
+  parameters' default (EfficientNet-Lite0, recipe partial) runs on it, for two short epochs;
 - presplit_no_test: a pre-split folder without test/ (the test split is carved out of train by group),
-  with keys set in an overlay that every stage's record, the checkpoint and the model card must show.
+  `recipe: lpft` for one short epoch, with keys set in an overlay that every stage's record, the
+  checkpoint and the model card must show.
 
 The synthetic smoke route is tests/test_pipeline.py.
 """
@@ -56,15 +57,14 @@ def presplit_probe(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def unsplit_lpft(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("unsplit_lpft")
+def unsplit_default(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("unsplit_default")
     data = user_folder(tmp / "my-sem", splits=())
-    lpft = tmp / "lpft.yaml"
-    lpft.write_text("arch: efficientnet_lite0\nweights: imagenet\nrecipe: lpft\nepochs: 1\nfreeze_blocks: 10\n"
-                    "batch_size: 16\n")
+    short = tmp / "short.yaml"
+    short.write_text("epochs: 2\ncache_views: 2\n")
     only_data = tmp / "data_only.yaml"
     only_data.write_text(f"data_dir: {data}\n")
-    return run_route(tmp, [SMALL, lpft, only_data], data)
+    return run_route(tmp, [SMALL, short, only_data], data)
 
 
 # keys a user sets in an overlay that no stage but one declares: every record must still show them
@@ -76,10 +76,12 @@ def presplit_no_test(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("presplit_no_test")
     data = user_folder(tmp / "my-sem", splits=("train", "validate"), per_split={"train": 6, "validate": 2})
     extra = "".join(f"{k}: {v}\n" for k, v in PROVENANCE.items())
-    return run_route(tmp, [own_overlay(tmp, data, extra), SMALL], data)
+    lpft = tmp / "lpft.yaml"
+    lpft.write_text("recipe: lpft\nepochs: 1\nfreeze_blocks: 10\nbatch_size: 16\n")
+    return run_route(tmp, [own_overlay(tmp, data, extra), SMALL, lpft], data)
 
 
-ROUTES = ["presplit_probe", "unsplit_lpft", "presplit_no_test"]
+ROUTES = ["presplit_probe", "unsplit_default", "presplit_no_test"]
 
 
 @pytest.fixture(params=ROUTES)
@@ -137,12 +139,18 @@ def test_recommended_route_used_what_it_asked_for(presplit_probe):
         assert record["image_size"] == 64 and record["recipe"] == "probe"
 
 
-def test_unsplit_route_fine_tuned_for_one_epoch(unsplit_lpft):
-    summary = json.loads((unsplit_lpft["build"] / "train" / "summary.json").read_text())
-    assert summary["recipe"] == "lpft" and summary["epochs_run"] == 1 and summary["probe_floor"] is not None
-    split = pd.read_csv(unsplit_lpft["build"] / "split" / "split.csv")
+def test_unsplit_route_runs_the_default_recipe(unsplit_default):
+    summary = json.loads((unsplit_default["build"] / "train" / "summary.json").read_text())
+    assert summary["arch"] == "efficientnet_lite0" and summary["weights"]["source"] == "imagenet"
+    assert summary["recipe"] == "partial" and summary["epochs_run"] == 2 and summary["probe_floor"] is not None
+    split = pd.read_csv(unsplit_default["build"] / "split" / "split.csv")
     assert set(split["split"]) == {"train", "val", "test"}
-    assert "Training curves, read" in (unsplit_lpft["reports"] / "04_evaluation.html").read_text()
+    assert "Training curves, read" in (unsplit_default["reports"] / "04_evaluation.html").read_text()
+
+
+def test_lpft_fine_tuned_for_one_epoch(presplit_no_test):
+    summary = json.loads((presplit_no_test["build"] / "train" / "summary.json").read_text())
+    assert summary["recipe"] == "lpft" and summary["epochs_run"] == 1 and summary["probe_floor"] is not None
 
 
 def test_missing_test_folder_is_carved_out_of_train(presplit_no_test):
