@@ -47,6 +47,32 @@ def image_tree(tmp_path):
     return build_tree
 
 
+def make_bundle(folder, classes, arch="mobilenet_v2", size=32, threshold=0.5):
+    """A deployment bundle (model.onnx, labels, preprocessing, manifest) of an untrained network whose
+    classifier weights are spread so that classes differ; returns the model.onnx path."""
+    import json
+
+    import torch
+
+    from lib import export, model as net, preprocess
+
+    torch.manual_seed(0)
+    m = net.build_model(len(classes), arch=arch, image_size=size).eval()
+    torch.nn.init.normal_(m.classifier[1].weight, 0, 1.0)
+    export.export_onnx(m, folder / "model.onnx", size=size)
+    export.write_labels(folder, classes)
+    spec = preprocess.preprocessing_spec(size, resize="letterbox", background=0.25)
+    (folder / "preprocessing.json").write_text(json.dumps(spec))
+    export.write_bundle_manifest(folder, review_threshold=threshold, int8_fit=True)
+    return folder / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def lite0_bundle(tmp_path_factory):
+    """An EfficientNet-Lite0 bundle at 64 px, 3 classes (exported once for the predict and INT8 tests)."""
+    return make_bundle(tmp_path_factory.mktemp("lite0"), ["bridge", "clean", "vias"], arch="efficientnet_lite0", size=64)
+
+
 def make(*args, timeout=900):
     """`make` in the repository root, as a user runs it (no inherited MAKEFLAGS), output captured."""
     env = {**os.environ, "MAKEFLAGS": ""}

@@ -6,27 +6,19 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from scipy.special import softmax
 
+import conftest
 from conftest import ROOT, sem_like
-from lib import export, model as net, predict, preprocess, runtime
+from lib import export, predict, preprocess, runtime
 
 SIZE = 32
 CLASSES = ["bridge", "clean", "vias"]
 
 
 def make_bundle(folder, arch="mobilenet_v2", size=SIZE, threshold=0.5):
-    torch.manual_seed(0)
-    m = net.build_model(len(CLASSES), arch=arch, image_size=size).eval()
-    torch.nn.init.normal_(m.classifier[1].weight, 0, 1.0)  # spread the logits so classes differ
-    export.export_onnx(m, folder / "model.onnx", size=size)
-    export.write_labels(folder, CLASSES)
-    spec = preprocess.preprocessing_spec(size, resize="letterbox", background=0.25)
-    (folder / "preprocessing.json").write_text(json.dumps(spec))
-    export.write_bundle_manifest(folder, review_threshold=threshold, int8_fit=True)
-    return folder / "model.onnx"
+    return conftest.make_bundle(folder, CLASSES, arch=arch, size=size, threshold=threshold)
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +134,9 @@ def test_a_folder_without_the_bundle_files_is_refused_by_name(tmp_path, bundle, 
     assert predict.main([str(bundle), str(tmp_path), "--out", str(tmp_path / "rows.txt")]) == 2
 
 
-def test_efficientnet_lite0_bundle_predicts(tmp_path, images):
+def test_efficientnet_lite0_bundle_predicts(lite0_bundle, images):
     root, good = images
-    model = make_bundle(tmp_path, arch="efficientnet_lite0", size=64)
-    rows = predict.predict(predict.Bundle.load(model), [(str(f), "") for f in good[:3]], workers=0)
+    rows = predict.predict(predict.Bundle.load(lite0_bundle), [(str(f), "") for f in good[:3]], workers=0)
     assert all(r["predicted"] in CLASSES and not r["error"] for r in rows)
 
 
@@ -198,9 +189,7 @@ def test_predict_never_unpickles():
 
 
 def test_an_unfit_int8_model_is_used_with_a_warning(tmp_path, bundle, images, capsys):
-    folder = tmp_path / "b"
-    folder.mkdir()
-    make_bundle(folder)
+    folder = copy_bundle(bundle, tmp_path / "b").parent
     (folder / "model.int8.onnx").write_bytes((folder / "model.onnx").read_bytes())
     export.write_bundle_manifest(folder, review_threshold=0.5, int8_fit=False)
     assert predict.main([str(folder / "model.int8.onnx"), str(images[1][0]), "--quiet"]) == 0
