@@ -278,7 +278,8 @@ def table(P: dict[str, Any], keys):
 
     rows = [{"parameter": k, "value": describe_data(P) if k == "data_dir" else str(P[k]), "meaning": SCHEMA[k].help}
             for k in keys]
-    return pd.DataFrame(rows).set_index("parameter").style.set_properties(**{"text-align": "left"})
+    # escaped: the meanings name paths such as <class>/*.png, which a browser would take for tags
+    return pd.DataFrame(rows).set_index("parameter").style.format(escape="html").set_properties(**{"text-align": "left"})
 
 
 def check_paths(P: dict[str, Any]) -> None:

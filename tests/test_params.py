@@ -122,3 +122,10 @@ def test_cli_reports_a_bad_key_and_fails(tmp_path, capsys):
     f.write_text("batchsize: 8\n")
     assert params.main([str(f)]) == 2
     assert "unknown parameter 'batchsize'" in capsys.readouterr().err
+
+
+def test_report_table_shows_the_meaning_of_each_key_as_text():
+    P = params.read_file(params.BASE)
+    html = params.table(P, ["data_dir", "arch"]).to_html()
+    assert "&lt;class&gt;/*.png" in html and "<class>" not in html
+    assert "efficientnet_lite0" in html and "embedded synthetic" in html
