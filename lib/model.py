@@ -103,19 +103,26 @@ def units(model: nn.Module) -> int:
     return len(model.features) if model.arch == "mobilenet_v2" else len(model.features._blocks) + 2
 
 
+def _run_units(model: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Body units start..stop-1 (as `units` counts them, stem first) applied to x."""
+    if model.arch == "mobilenet_v2":
+        return model.features[start:stop](x)
+    b, n = model.features, len(model.features._blocks)
+    for u in range(start, stop):
+        if u == 0:
+            x = b._swish(b._bn0(b._conv_stem(x)))
+        elif u <= n:
+            x = b._blocks[u - 1](x, drop_connect_rate=b._global_params.drop_connect_rate * (u - 1) / n)
+        else:
+            x = b._swish(b._bn1(b._conv_head(x)))
+    return x
+
+
 def trunk(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     """The first k body units of the network applied to its input x (what `Top` continues from)."""
-    if model.arch == "mobilenet_v2":
-        return model.features[:k](x)
-    b = model.features
-    x = x * model.in_scale + model.in_shift
-    if k >= 1:
-        x = b._swish(b._bn0(b._conv_stem(x)))
-    for i in range(min(k - 1, len(b._blocks))):
-        x = b._blocks[i](x, drop_connect_rate=b._global_params.drop_connect_rate * i / len(b._blocks))
-    if k == units(model):
-        x = b._swish(b._bn1(b._conv_head(x)))
-    return x
+    if model.arch != "mobilenet_v2":
+        x = x * model.in_scale + model.in_shift
+    return _run_units(model, x, 0, k)
 
 
 class Top(nn.Module):
@@ -136,18 +143,10 @@ class Top(nn.Module):
         self.classifier = model.classifier
 
     def pool(self, a: torch.Tensor) -> torch.Tensor:
-        m = self.net
-        if m.arch == "mobilenet_v2":
-            x = a
-            for block in self.features:
-                x = block(x)
+        x = _run_units(self.net, a, self.k, units(self.net))
+        if self.net.arch == "mobilenet_v2":
             return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-        b = m.features
-        x = a
-        for i in range(self.k - 1, len(b._blocks)):
-            x = b._blocks[i](x, drop_connect_rate=b._global_params.drop_connect_rate * i / len(b._blocks))
-        x = b._swish(b._bn1(b._conv_head(x)))
-        return torch.flatten(b._avg_pooling(x), 1)
+        return torch.flatten(self.net.features._avg_pooling(x), 1)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(a))
