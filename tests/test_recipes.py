@@ -190,7 +190,6 @@ def test_partial_trains_only_the_top_blocks_on_cached_activations():
     assert saved and all(m is out.model for m, _ in saved)  # the whole network is what gets checkpointed
     acts = recipes.trunk_views(out.model, gray[:4], 14, 2, presets.augmentation(P))
     assert acts.shape[:2] == (4, 2) and acts.dtype == np.float16
-    from lib import model as net
     from lib.preprocess import normalize
 
     x = normalize(torch.from_numpy(gray[:4]))
