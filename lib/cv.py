@@ -9,6 +9,12 @@ group: its original, not its augmented copies.
 A configuration is one line of space-separated `key:value` overrides of the training
 parameters, e.g. ``arch:efficientnet_lite0 weights:imagenet recipe:lpft epochs:10``; every key
 and value is checked against the parameter schema.
+
+Decisions between configurations rest on paired comparisons: every configuration is scored on
+the same folds (and, with `cv_repeats` above 1, on several fold assignments), and `paired`
+tests each one's per-fold difference to the reference (the first configuration) with the
+corrected resampled t-test (Nadeau & Bengio, 2003), which widens the naive interval for the
+training data that the folds share.
 """
 
 from __future__ import annotations
@@ -80,6 +86,19 @@ def folds(labels, groups, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarra
     return [(tr, te) for tr, te in sgkf.split(labels, labels, groups)]
 
 
+def repeated_folds(df: pd.DataFrame, y: np.ndarray, k: int, seed: int, repeats: int = 1):
+    """`assign_folds` for each of `repeats` fold seeds (seed, seed + 1, ...): the k * repeats splits in
+    order, and each file's fold number per repeat (columns `fold`, or `fold r1`, `fold r2`, ...)."""
+    if repeats < 1:
+        raise ValueError(f"cv_repeats must be at least 1, got {repeats}")
+    splits, columns = [], {}
+    for r in range(repeats):
+        s, fold_of = assign_folds(df, y, k, seed + r)
+        splits += s
+        columns["fold" if repeats == 1 else f"fold r{r + 1}"] = fold_of
+    return splits, pd.DataFrame(columns, index=df.index)
+
+
 def decoded(paths, sizes, cache_dir: str | Path, data_key: str, *, resize: str, background: float,
             log=print) -> dict[int, np.ndarray]:
     """Every image decoded once per input size ({size: [N, 1, size, size]}), kept as .npy files under
@@ -116,22 +135,27 @@ class ConfigResult:
     shifts: pd.DataFrame  # fold x shift macro recall
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # out-of-fold scores of every scored image: fold, index (row of the audited file table), true, pred,
+    # and one probability column per class
+    oof: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representative: np.ndarray,
                classes: list[str], *, device, shift_names=(), build_dir="build", progress: bool = False,
-               log=print, feature_cache: dict | None = None) -> ConfigResult:
+               log=print, feature_cache: dict | None = None, k: int | None = None) -> ConfigResult:
     """Train and score one configuration on every fold.
 
     For probe and lpft the pooled features of every image under the initial (pretrained)
     weights are computed once and shared by all folds, and by every configuration with the
-    same architecture, weights and input size through `feature_cache`.
+    same architecture, weights and input size through `feature_cache`. `k` is the number of folds
+    per repeat (default: all splits are one repeat).
     """
     from lib import engine, recipes, shifts as shift_lib
     from lib.preprocess import normalize
 
     n = len(classes)
-    rows, per_class, shift_rows = [], [], []
+    k = k or len(splits)
+    rows, per_class, shift_rows, oof = [], [], [], []
     confusion = np.zeros((n, n), np.int64)
     notes: set[str] = set()
     weights, recipe = "", cfg.P["recipe"]
@@ -161,9 +185,13 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
         def predict(g, model=trained.model):
             return engine.logits(model, normalize(g), device=device).argmax(1)
 
-        pred = predict(gray[test])
+        logit = engine.logits(trained.model, normalize(gray[test]), device=device)
+        pred = logit.argmax(1)
+        proba = np.exp(logit - logit.max(1, keepdims=True))
+        oof.append(pd.DataFrame({"fold": f + 1, "index": test, "true": yt, "pred": pred,
+                                 **{c: p for c, p in zip(classes, (proba / proba.sum(1, keepdims=True)).T)}}))
         dvc = defect_vs_clean(yt, pred, classes)
-        rows.append({"fold": f + 1, "train images": len(tr), "test groups": len(test),
+        rows.append({"fold": f + 1, "repeat": f // k + 1, "train images": len(tr), "test groups": len(test),
                      "macro recall": macro_recall(yt, pred, n), "accuracy": float((pred == yt).mean()),
                      "miss rate": dvc["miss_rate"], "seconds": time.perf_counter() - t0})
         per_class.append([float((pred[yt == c] == c).mean()) if (yt == c).any() else np.nan for c in range(n)])
@@ -178,7 +206,8 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
         per_class=pd.DataFrame(per_class, columns=classes, index=pd.RangeIndex(1, len(splits) + 1, name="fold")),
         confusion=confusion,
         shifts=pd.DataFrame(shift_rows).set_index("fold") if shift_rows else pd.DataFrame(),
-        notes=sorted(notes), seconds=time.perf_counter() - start)
+        notes=sorted(notes), seconds=time.perf_counter() - start,
+        oof=pd.concat(oof, ignore_index=True) if oof else pd.DataFrame())
 
 
 def to_record(r: ConfigResult) -> dict:
@@ -187,7 +216,8 @@ def to_record(r: ConfigResult) -> dict:
             "folds": r.folds.to_dict(orient="records"),
             "per_class": {"columns": list(r.per_class.columns), "rows": r.per_class.to_numpy().tolist()},
             "confusion": np.asarray(r.confusion).tolist(),
-            "shifts": r.shifts.reset_index().to_dict(orient="records") if len(r.shifts) else []}
+            "shifts": r.shifts.reset_index().to_dict(orient="records") if len(r.shifts) else [],
+            "oof": r.oof.to_dict(orient="list")}
 
 
 def from_record(d: dict) -> ConfigResult:
@@ -196,7 +226,7 @@ def from_record(d: dict) -> ConfigResult:
     shifts = pd.DataFrame(d["shifts"]).set_index("fold") if d["shifts"] else pd.DataFrame()
     return ConfigResult(config=d["config"], weights=d["weights"], recipe=d["recipe"], folds=pd.DataFrame(d["folds"]),
                         per_class=per_class, confusion=np.asarray(d["confusion"], dtype=np.int64), shifts=shifts,
-                        notes=list(d["notes"]), seconds=float(d["seconds"]))
+                        notes=list(d["notes"]), seconds=float(d["seconds"]), oof=pd.DataFrame(d.get("oof", {})))
 
 
 def code_version() -> str:
@@ -234,7 +264,7 @@ def summary_row(r: ConfigResult) -> dict:
            "macro recall": f"{f['macro recall'].mean():.3f} ± {f['macro recall'].std(ddof=1):.3f}",
            "accuracy": f"{f['accuracy'].mean():.3f} ± {f['accuracy'].std(ddof=1):.3f}",
            "miss rate": f"{f['miss rate'].mean():.3f}" if f["miss rate"].notna().all() else "n/a",
-           "min fold recall": round(float(f["macro recall"].min()), 3),
+           "worst fold": round(float(f["macro recall"].min()), 3),
            "minutes": round(r.seconds / 60, 1)}
     if len(r.shifts):
         base = r.folds["macro recall"].mean()
@@ -267,7 +297,8 @@ def group_table(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
 
 
 def run_all(configs: list[Config], gray_by_size: dict, y: np.ndarray, splits, representative: np.ndarray,
-            labels: list[str], *, device, shift_names, build_dir, cache_dir, data_key: str, log=print) -> list[ConfigResult]:
+            labels: list[str], *, device, shift_names, build_dir, cache_dir, data_key: str, k: int | None = None,
+            log=print) -> list[ConfigResult]:
     """Every configuration on every fold, each result kept as plain JSON under cache_dir (keyed by the
     configuration, the data, the folds, the shifts and the code version) and reused when it matches,
     so an interrupted report resumes where it stopped. Synthetic-pretrained bodies are made first."""
@@ -278,13 +309,50 @@ def run_all(configs: list[Config], gray_by_size: dict, y: np.ndarray, splits, re
     results, feature_cache = [], {}
     for c in configs:
         log(c.text)
-        r, reused = cached(cache_dir, (c.text, sorted(c.P.items()), data_key, len(splits), list(shift_names)),
+        folds_key = [hashlib.sha256(np.asarray(te).tobytes()).hexdigest()[:8] for _, te in splits]
+        r, reused = cached(cache_dir, (c.text, sorted(c.P.items()), data_key, folds_key, list(shift_names)),
                            lambda c=c: run_config(c, gray_by_size[c.P["image_size"]], y, splits, representative,
                                                   labels, device=device, shift_names=shift_names,
-                                                  build_dir=build_dir, feature_cache=feature_cache, log=log))
+                                                  build_dir=build_dir, feature_cache=feature_cache, log=log,
+                                                  k=k))
         log(f"  {'reused' if reused else 'ran'}: {r.seconds / 60:.1f} min when run")
         results.append(r)
     return results
+
+
+def paired(results: list[ConfigResult], k: int, reference: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Each configuration's macro recall against the reference's on the same folds, in points.
+
+    The mean per-fold difference with its `level` interval and two-sided p-value by the corrected
+    resampled t-test (Nadeau & Bengio, 2003): the variance of the J = folds x repeats differences
+    is scaled by (1/J + n_test/n_train), n_test/n_train = 1/(k - 1) for k folds, since folds share
+    training data and a plain paired t-test would be overconfident. Also the folds each side won.
+    """
+    from scipy import stats
+
+    ref = results[reference]
+    base = ref.folds.set_index("fold")["macro recall"]
+    rows = []
+    for r in results:
+        if r is ref:
+            continue
+        d = 100 * (r.folds.set_index("fold")["macro recall"] - base).dropna()
+        J = len(d)
+        sd = float(d.std(ddof=1)) if J > 1 else float("nan")
+        se = sd * np.sqrt(1 / J + 1 / (k - 1)) if J > 1 else float("nan")
+        half = float(stats.t.ppf(0.5 + level / 2, J - 1) * se) if J > 1 else float("nan")
+        t = (float(d.mean()) / se if se > 0 else (0.0 if d.mean() == 0 else np.inf)) if J > 1 else float("nan")
+        rows.append({"config": r.config, "reference": ref.config, "folds": J, "difference (points)": float(d.mean()),
+                     "low": float(d.mean()) - half, "high": float(d.mean()) + half,
+                     "p": float(2 * stats.t.sf(abs(t), J - 1)) if J > 1 else float("nan"),
+                     "folds better": int((d > 1e-9).sum()), "folds worse": int((d < -1e-9).sum())})
+    return pd.DataFrame(rows, columns=["config", "reference", "folds", "difference (points)", "low", "high", "p",
+                                       "folds better", "folds worse"])
+
+
+def paired_text(row) -> str:
+    """A paired comparison row as one cell: '+2.1 [-1.3, +5.5], p 0.20'."""
+    return f"{row['difference (points)']:+.1f} [{row['low']:+.1f}, {row['high']:+.1f}], p {row['p']:.2f}"
 
 
 def best(results: list[ConfigResult]) -> ConfigResult:
@@ -307,17 +375,22 @@ def shift_table(results: list[ConfigResult]) -> tuple[pd.DataFrame, pd.DataFrame
     return table, (100 * (table[["none"]].to_numpy() - table)).drop(columns="none")
 
 
-def record(results: list[ConfigResult], df: pd.DataFrame, root, k: int, seconds: float) -> dict:
+def record(results: list[ConfigResult], df: pd.DataFrame, root, k: int, seconds: float, repeats: int = 1) -> dict:
     """The record of `cv/cv.json`."""
     import os
     import platform
 
-    return {"data_dir": str(root), "load_average_at_end": os.getloadavg(), "cpu_count": os.cpu_count(),
+    comparison = {row["config"]: {key: row[key] for key in ("difference (points)", "low", "high", "p", "folds better",
+                                                            "folds worse")}
+                  for row in paired(results, k).to_dict(orient="records")} if len(results) > 1 else {}
+    return {"data_dir": str(root), "repeats": repeats, "reference": results[0].config, "load_average_at_end": os.getloadavg(), "cpu_count": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "images": int(len(df)),
             "groups": int(df["group"].nunique()), "folds": k, "seconds": seconds,
             "configs": [{"config": r.config, "weights": r.weights, "recipe": r.recipe, "seconds": r.seconds,
                          "notes": r.notes, "macro_recall_mean": float(r.folds["macro recall"].mean()),
                          "macro_recall_std": float(r.folds["macro recall"].std(ddof=1)),
+                         "worst_fold": float(r.folds["macro recall"].min()),
+                         "vs_reference_points": comparison.get(r.config),
                          "accuracy_mean": float(r.folds["accuracy"].mean()),
                          "miss_rate_mean": float(r.folds["miss rate"].mean()),
                          "folds": r.folds.to_dict(orient="records"), "per_class_recall": r.per_class.mean().to_dict(),

@@ -124,6 +124,9 @@ SCHEMA: dict[str, Param] = {
     "aug_gamma": Param(_NUM, "largest |log gamma| of a random gamma curve (0 = off; 0.4 spans gamma 0.67-1.49)"),
     "aug_jpeg": Param(int, "lowest JPEG quality of a random re-compression (0 = off)"),
     "aug_flip": Param(bool, "random horizontal and vertical flips (off: defect geometry is not mirror-invariant in general)"),
+    "aug_rot90": Param(bool, "random rotations by multiples of 90 degrees (off: line/space patterns have an orientation)"),
+    "aug_shot": Param(_NUM, "shot noise on half the images at a peak of this many to 10x as many electrons per "
+                            "pixel (0 = off)"),
     "device": Param(str, "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
     "deterministic": Param(bool, "seed everything and use deterministic algorithms"),
     "pretrain_per_class": Param(int, "weights synthetic: synthetic images per class rendered for pretraining"),
@@ -132,6 +135,8 @@ SCHEMA: dict[str, Param] = {
     "gallery_max": Param(int, "largest number of misclassified images shown"),
     # 06_cross_validation (make cv DATA=<folder>)
     "cv_folds": Param(int, "folds of the stratified group k-fold"),
+    "cv_repeats": Param(int, "fold assignments (seeds seed, seed + 1, ...) each configuration is scored on; more "
+                             "repeats narrow the paired comparisons"),
     "cv_configs": Param(list, "configurations compared, one per entry: space-separated key:value overrides of the "
                               "training parameters, e.g. 'arch:efficientnet_lite0 weights:imagenet recipe:lpft'"),
     "cv_shifts": Param(bool, "also score every fold under each named shift of lib.shifts"),

@@ -57,6 +57,22 @@ class _Gamma(_RandomStep):
         return x.clamp(1e-6, 1) ** gamma
 
 
+class _ShotNoise(_RandomStep):
+    """Poisson (shot) noise at a random peak count in [amount, 10 * amount] electrons per pixel, drawn
+    log-uniformly: a faster scan or a lower beam current (`lib.shifts` scores peak 30)."""
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        peak = self.amount * 10 ** float(torch.rand(()))
+        return (torch.poisson(x.clamp(0, 1) * peak) / peak).clamp(0, 1)
+
+
+class _Rot90(nn.Module):
+    """A rotation by a random multiple of 90 degrees (square images: the side stays)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))
+
+
 class _Jpeg(_RandomStep):
     """JPEG re-compression at a random quality in [amount, 95]."""
 
@@ -69,17 +85,20 @@ class _Jpeg(_RandomStep):
 
 def train_transform(*, size: int, shift: float = 0.0, scale: float = 0.0, brightness: float = 0.0,
                     contrast: float = 0.0, noise: float = 0.0, blur: float = 0.0, flip: bool = False,
-                    resolution: float = 0.0, gamma: float = 0.0, jpeg: int = 0) -> v2.Compose:
+                    rot90: bool = False, resolution: float = 0.0, gamma: float = 0.0, jpeg: int = 0,
+                    shot: float = 0.0) -> v2.Compose:
     """Augmentation for grayscale [1, H, W] tensors on 0-1 that keeps SEM semantics.
 
     No rotations or flips unless asked: scan direction and shading are not symmetric.
-    Each argument at 0 (or False) switches its step off. `resolution`, `gamma` and `jpeg`
-    cover the shifts of `lib.shifts` (down-up sampling, gamma, JPEG); noise, contrast and
-    blur cover the rest.
+    Each argument at 0 (or False) switches its step off. `resolution`, `gamma`, `jpeg` and
+    `shot` cover the shifts of `lib.shifts` (down-up sampling, gamma, JPEG, shot noise); noise,
+    contrast and blur cover the rest.
     """
     steps: list[nn.Module] = []
     if flip:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if rot90:
+        steps.append(_Rot90())
     if scale > 0:
         # zoom in by up to `scale` of the side: SEM tools and recipes differ in pixel size
         area = (1 - scale) ** 2
@@ -96,6 +115,8 @@ def train_transform(*, size: int, shift: float = 0.0, scale: float = 0.0, bright
     if blur > 0:
         k = 2 * math.ceil(3 * blur) + 1
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=k, sigma=(0.1, blur))], p=0.5))
+    if shot > 0:
+        steps.append(_ShotNoise(shot, p=0.5))
     if noise > 0:
         steps.append(_AddNoise(noise))
     if jpeg > 0:
@@ -108,5 +129,6 @@ def augmentation(P: dict) -> v2.Compose:
     """The training augmentation the parameters ask for (aug_* keys)."""
     return train_transform(size=P["image_size"], shift=P["aug_shift"], scale=P["aug_scale"],
                            brightness=P["aug_brightness"], contrast=P["aug_contrast"], noise=P["aug_noise"],
-                           blur=P["aug_blur"], flip=P["aug_flip"], resolution=P["aug_resolution"],
-                           gamma=P["aug_gamma"], jpeg=P["aug_jpeg"])
+                           blur=P["aug_blur"], flip=P["aug_flip"], rot90=P["aug_rot90"],
+                           resolution=P["aug_resolution"], gamma=P["aug_gamma"], jpeg=P["aug_jpeg"],
+                           shot=P["aug_shot"])

@@ -21,7 +21,7 @@ from lib.model import synthetic_weights_path
 # what a cached body depends on (besides arch and width)
 KEYS = ("pretrain_per_class", "pretrain_epochs", "image_size", "seed", "lr", "batch_size", "weight_decay",
         "aug_shift", "aug_scale", "aug_brightness", "aug_contrast", "aug_noise", "aug_blur", "aug_resolution",
-        "aug_gamma", "aug_jpeg", "aug_flip", "synthetic_size")
+        "aug_gamma", "aug_jpeg", "aug_flip", "aug_rot90", "aug_shot", "synthetic_size")
 
 
 def ensure(P: dict, *, arch: str | None = None, width: float | None = None, build_dir=None, log=print) -> Path:

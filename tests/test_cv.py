@@ -66,3 +66,48 @@ def test_config_lines_are_checked_against_the_schema():
         cv.parse_config("epoch:3", base)
     with pytest.raises(params.ParamError, match="not key:value"):
         cv.parse_config("arch", base)
+
+
+def _result(name, recalls, k):
+    folds = pd.DataFrame({"fold": np.arange(1, len(recalls) + 1), "repeat": np.arange(len(recalls)) // k + 1,
+                          "macro recall": recalls, "accuracy": recalls, "miss rate": 0.0, "seconds": 1.0})
+    return cv.ConfigResult(config=name, weights="imagenet", recipe="probe", folds=folds,
+                           per_class=pd.DataFrame(), confusion=np.zeros((2, 2), np.int64), shifts=pd.DataFrame())
+
+
+def test_paired_comparison_is_the_corrected_resampled_t_test():
+    from scipy import stats
+
+    ref = _result("ref", [0.80, 0.70, 0.90, 0.85, 0.75], 5)
+    same = _result("same", [0.80, 0.70, 0.90, 0.85, 0.75], 5)
+    better = _result("better", [0.84, 0.71, 0.93, 0.90, 0.76], 5)
+    table = cv.paired([ref, same, better], k=5).set_index("config")
+    assert list(table.index) == ["same", "better"]
+    assert table.loc["same", "difference (points)"] == 0 and table.loc["same", "p"] == 1.0
+    d = np.array([4, 1, 3, 5, 1], float)
+    se = d.std(ddof=1) * np.sqrt(1 / 5 + 1 / 4)  # the naive paired test would use sqrt(1/5)
+    row = table.loc["better"]
+    assert row["difference (points)"] == pytest.approx(2.8)
+    assert row["high"] - row["difference (points)"] == pytest.approx(stats.t.ppf(0.975, 4) * se)
+    assert row["p"] == pytest.approx(2 * stats.t.sf(2.8 / se, 4))
+    assert (row["folds better"], row["folds worse"]) == (5, 0)
+    naive = stats.ttest_rel(better.folds["macro recall"], ref.folds["macro recall"]).pvalue
+    assert row["p"] > naive  # wider than the plain paired t-test: folds share training data
+    assert cv.paired_text(row).startswith("+2.8 [")
+
+
+def test_repeated_folds_use_one_seed_per_repeat_and_keep_groups_whole():
+    groups = np.repeat(np.arange(40), 2)
+    y = np.repeat(np.arange(40) % 4, 2)
+    df = pd.DataFrame({"group": groups})
+    splits, fold_of = cv.repeated_folds(df, y, 4, 7, repeats=3)
+    assert len(splits) == 12 and list(fold_of.columns) == ["fold r1", "fold r2", "fold r3"]
+    for r in range(3):
+        tested = np.sort(np.concatenate([te for _, te in splits[4 * r: 4 * r + 4]]))
+        assert tested.tolist() == list(range(80))
+        assert (df.assign(f=fold_of.iloc[:, r]).groupby("group")["f"].nunique() == 1).all()
+    assert not (fold_of["fold r1"] == fold_of["fold r2"]).all()  # another seed, another assignment
+    one, fold_one = cv.repeated_folds(df, y, 4, 7)
+    assert list(fold_one.columns) == ["fold"] and (fold_one["fold"] == fold_of["fold r1"]).all()
+    with pytest.raises(ValueError, match="cv_repeats"):
+        cv.repeated_folds(df, y, 4, 7, repeats=0)

@@ -148,6 +148,26 @@ def test_robust_augmentations_keep_shape_and_range():
     assert any(not torch.allclose(o, x) for o in outs)
 
 
+def test_shot_noise_augmentation_is_poisson_at_the_stated_peaks():
+    aug = presets.train_transform(size=64, shot=30.0)
+    x = torch.full((1, 64, 64), 0.5)
+    torch.manual_seed(0)
+    outs = [aug(x) for _ in range(40)]
+    noisy = [o for o in outs if not torch.equal(o, x)]
+    assert 8 < len(noisy) < 32  # on about half the images
+    for o in noisy:  # Poisson counts / peak: mean 0.5, variance 0.5 / peak for a peak in [30, 300]
+        assert abs(float(o.mean()) - 0.5) < 0.03 and 0.5 / 300 / 2 < float(o.var()) < 0.5 / 30 * 2
+        assert o.min() >= 0 and o.max() <= 1
+
+
+def test_rot90_augmentation_draws_every_quarter_turn():
+    aug = presets.train_transform(size=8, rot90=True)
+    x = torch.arange(64, dtype=torch.float32).reshape(1, 8, 8) / 64
+    torch.manual_seed(0)
+    seen = {tuple(torch.nonzero(aug(x)[0] == 0)[0].tolist()) for _ in range(40)}
+    assert seen == {(0, 0), (0, 7), (7, 0), (7, 7)}  # the first pixel lands in each corner
+
+
 @pytest.mark.parametrize("name", list(shifts.SHIFTS))
 def test_every_shift_keeps_shape_range_and_is_reproducible(name):
     rng = np.random.default_rng(0)
