@@ -87,7 +87,7 @@ $(EVAL): notebooks/04_evaluation.ipynb $(STAGEPAR)/04_evaluation.yaml $(TRAIN) $
 	$(RUN_NB)
 eval: $(EVAL) ## 04: test-split metrics, confusion matrices, error gallery
 
-$(EXPORT): notebooks/05_export.ipynb $(STAGEPAR)/05_export.yaml $(TRAIN) $(LIB) $(call STAGE_RECORD,export)
+$(EXPORT): notebooks/05_export.ipynb $(STAGEPAR)/05_export.yaml $(EVAL) $(LIB) $(call STAGE_RECORD,export)
 	$(RUN_NB)
 export: $(EXPORT) ## 05: ONNX + INT8 export, parity, latency, the deployment bundle
 

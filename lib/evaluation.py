@@ -26,7 +26,9 @@ COVERAGE_POINTS = (0.5, 0.8, 0.9, 0.95, 1.0)
 class Evaluation:
     labels: list[str]
     part: Part  # the test rows, their decoded images and labels
-    prob: np.ndarray  # softmax probabilities [N, C]
+    prob: np.ndarray  # softmax probabilities [N, C] of logits / temperature (calibrated when T was fitted)
+    logits: np.ndarray  # the network's raw logits [N, C]
+    temperature: float  # 1.0: uncalibrated
     table: pd.DataFrame  # per class and averaged: precision, recall, f1, support, recall_low, recall_high
     counts: pd.DataFrame  # confusion matrix, rows true, columns predicted
     normalized: pd.DataFrame  # the same, row-normalised (the diagonal is each class's recall)
@@ -69,8 +71,8 @@ class Evaluation:
         return self.part.rows[["path", "class"]].assign(predicted=[self.labels[i] for i in self.y_pred],
                                                         confidence=self.confidence)
 
-    def metrics(self, ckpt: dict) -> dict:
-        """The record of `eval/metrics.json`."""
+    def metrics(self, ckpt: dict, extra: dict | None = None) -> dict:
+        """The record of `eval/metrics.json` (`extra`: calibration, operating point, intervals)."""
         t, labels = self.table, self.labels
         return {"test_images": int(len(self.y_true)), "accuracy": self.accuracy, "macro_recall": self.macro_recall,
                 "macro_precision": float(t.loc["macro avg", "precision"]), "macro_f1": float(t.loc["macro avg", "f1"]),
@@ -81,13 +83,15 @@ class Evaluation:
                 **{k: v for k, v in self.escapes.items() if not k.startswith("miss_rate_ci")},
                 "weights": ckpt["weights"]["source"], "checkpoint_epoch": ckpt["epoch"],
                 "arch": ckpt.get("arch", "mobilenet_v2"), "recipe": ckpt.get("recipe", "ft"),
-                "shifts": self.robustness.reset_index().to_dict(orient="records")}
+                "shifts": self.robustness.reset_index().to_dict(orient="records"), **(extra or {})}
 
 
-def evaluate(model, part: Part, labels: list[str], *, device="cpu", seed: int = 0) -> Evaluation:
-    """Score `model` on a decoded split (`lib.data.load_part`): every figure of the evaluation report."""
+def evaluate(model, part: Part, labels: list[str], *, device="cpu", seed: int = 0,
+             temperature: float = 1.0) -> Evaluation:
+    """Score `model` on a decoded split (`lib.data.load_part`): every figure of the evaluation report.
+    Confidences are softmax(logits / temperature); predictions do not depend on the temperature."""
     logits = engine.logits(model, normalize(part.gray), device=device)
-    prob = softmax(logits, axis=1)
+    prob = softmax(logits.astype(np.float64) / temperature, axis=1)
     y_true, y_pred = part.y, prob.argmax(1)
     table = metrics.per_class_table(y_true, y_pred, labels)
     n = len(labels)
@@ -100,7 +104,7 @@ def evaluate(model, part: Part, labels: list[str], *, device="cpu", seed: int = 
     def predict(gray):
         return engine.logits(model, normalize(gray), device=device).argmax(1)
 
-    return Evaluation(labels=labels, part=part, prob=prob, table=table,
+    return Evaluation(labels=labels, part=part, prob=prob, logits=logits, temperature=float(temperature), table=table,
                       counts=metrics.confusion(y_true, y_pred, labels),
                       normalized=metrics.confusion(y_true, y_pred, labels, normalize=True), escapes=escapes,
                       coverage=metrics.coverage_curve(y_true, y_pred, prob.max(1)),

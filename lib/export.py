@@ -136,12 +136,45 @@ def write_bundle_manifest(folder: str | Path, *, review_threshold: float, int8_f
     return write_json_atomic(folder / "bundle.json", manifest)
 
 
+def _card_confidence(ev: dict) -> str:
+    """The model card's test intervals, calibration and operating point, from eval/metrics.json."""
+    from lib.calibration import fmt
+
+    n = ev.get("test_images", 0)
+    rows = "\n".join(f"| {r['figure']} | {fmt(r['value'], r['low'], r['high'], n)} |" for r in ev.get("intervals", []))
+    v, t = ev["operating_point"]["validation"], ev["operating_point"]["test"]
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f} %"
+
+    ece = ev["ece"]
+    return f"""
+### Test split ({n} images), FP32, with 95% bootstrap intervals
+| figure | value [95% interval] |
+|---|---|
+{rows}
+
+### Confidence and review
+- Confidences are calibrated: temperature T = {ev['temperature']:.3f}, fitted on the validation split, is folded
+  into the classifier. Test ECE {ece['before']['test']:.3f} before, {ece['after']['test']:.3f} after.
+- Review threshold (in `bundle.json`, used by `lib.predict`): **{v['threshold']:.4f}**, the lowest calibrated
+  confidence at which the auto-classified validation images reach accuracy {v['target_accuracy']} with a miss rate of
+  at most {v['max_miss_rate']} ({'met' if v['met'] else 'NOT met: every image goes to review'}).
+- At that threshold on test: {t['auto']} of {t['images']} images auto-classified (coverage {pct(t['coverage'])}),
+  accuracy {pct(t['auto_accuracy'])} among them ({t['auto_errors']} errors), miss rate
+  {pct(t.get('auto_miss_rate'))} ({t.get('auto_missed', 0)} of {t.get('auto_defects', 0)} auto-classified defect images).
+"""
+
+
 def model_card(*, title: str, date: str, dataset: dict, params: dict, trained_with: dict, weights: dict,
-               classes: list[str], metrics, int8: dict, latency, compute: dict, sizes: dict, machine: dict) -> str:
+               classes: list[str], metrics, int8: dict, latency, compute: dict, sizes: dict, machine: dict,
+               evaluated: dict | None = None) -> str:
     """The bundle's model card (Markdown): what the model is, what it was trained on, how well it does
     and how fast it runs, with the date and every parameter of the run. `metrics` and `latency` are
-    DataFrames; `params` is the export run's full resolved set, `trained_with` the checkpoint's."""
+    DataFrames; `params` is the export run's full resolved set, `trained_with` the checkpoint's;
+    `evaluated` the evaluation stage's record (intervals, calibration, operating point)."""
     fp = dataset.get("fingerprint", {})
+    confidence = _card_confidence(evaluated) if evaluated else ""
 
     def points(v):
         return "n/a" if v is None else f"{100 * v:.2f}"
@@ -184,8 +217,11 @@ rate rises by {points(int8['miss_rate_rise'])} points (limit {points(int8['max_m
   `{fp.get('sha256', '?')}` (relative path, size and mtime of every file).
 
 ## Metrics
-{markdown_table(metrics)}
+FP32 and INT8 on the validation and test splits (one image moves these figures by 1/N: read them with the intervals
+below):
 
+{markdown_table(metrics)}
+{confidence}
 ## Latency (ms per call; images/s from the p50)
 {markdown_table(latency)}
 

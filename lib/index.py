@@ -50,10 +50,15 @@ def headline(build: Path) -> dict:
         "dataset": ("your images in " + d["root"] if d.get("root") and not d.get("synthetic")
                     else f"embedded synthetic dataset ({d['root']})" if d.get("root") else None),
         "test images": m.get("test_images"),
-        "test accuracy": m.get("accuracy"),
-        "macro recall": m.get("macro_recall"),
-        "miss rate (defect → clean)": m.get("miss_rate"),
-        "false-alarm rate (clean → defect)": m.get("false_alarm_rate"),
+        "test accuracy [95% bootstrap interval]": _interval(m, "accuracy", "accuracy"),
+        "macro recall [95%]": _interval(m, "macro recall", "macro_recall"),
+        "miss rate (defect → clean) [95%]": _interval(m, "miss rate", "miss_rate"),
+        "false-alarm rate (clean → defect) [95%]": _interval(m, "false-alarm rate", "false_alarm_rate"),
+        "calibration: temperature / test ECE before → after": (
+            f"{m['temperature']:.2f} / {m['ece']['before']['test']:.3f} → {m['ece']['after']['test']:.3f}"
+            if "temperature" in m else None),
+        "operating point: review threshold / test coverage / accuracy and miss rate of the auto-classified": (
+            _operating_point(m["review_threshold"], m["operating_point"]["test"]) if "operating_point" in m else None),
         "weights": t.get("weights", {}).get("detail"),
         "best epoch / epochs run": f"{t.get('best_epoch')} / {t.get('epochs_run')}" if t else None,
         "ONNX size (MB)": e.get("bytes", 0) / 1e6 if e else None,
@@ -69,6 +74,24 @@ def headline(build: Path) -> dict:
                                                                                   "test_miss_rate_rise"),
         "CPU": e.get("machine", {}).get("cpu"),
     }
+
+
+def _interval(m: dict, figure: str, key: str) -> str | float | None:
+    """A test figure with its bootstrap interval, rounded to what the test split supports."""
+    from lib.calibration import fmt
+
+    row = next((r for r in m.get("intervals", []) if r["figure"] == figure), None)
+    if row is None:
+        return m.get(key)
+    if row["value"] is None:
+        return None
+    return fmt(row["value"], row["low"], row["high"], m.get("test_images", 0))
+
+
+def _operating_point(threshold: float, t: dict) -> str:
+    acc = "n/a" if t["auto_accuracy"] is None else f"{t['auto_accuracy']:.3f}"
+    miss = "" if "auto_miss_rate" not in t else f", miss rate {t['auto_miss_rate']:.3f}"
+    return f"{threshold:.3f} / {t['coverage']:.2f} ({t['auto']} of {t['images']}) / accuracy {acc}{miss}"
 
 
 def _pair(record: dict | None, a: str, b: str) -> str | None:

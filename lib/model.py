@@ -312,6 +312,21 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, classes: list[str], p
                     "classes": list(classes), "params": dict(params), **extra}, tmp)
 
 
+@torch.no_grad()
+def fold_temperature(model: nn.Module, temperature: float) -> nn.Module:
+    """Divide the linear classifier's weight and bias by a temperature (fitted on validation by
+    `lib.calibration.fit_temperature`): the logits become logits / T, whose softmax is the calibrated
+    confidence, with no extra node in the graph; the argmax is unchanged. In place; returns model."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    linear = model.classifier[-1]
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"expected a linear classifier as the model's last layer, found {type(linear).__name__}")
+    linear.weight.div_(temperature)
+    linear.bias.div_(temperature)
+    return model
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model from a checkpoint written by save_checkpoint; return (model in eval mode, checkpoint)."""
     path = Path(path)

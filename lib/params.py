@@ -133,6 +133,12 @@ SCHEMA: dict[str, Param] = {
     "pretrain_epochs": Param(int, "weights synthetic: epochs of pretraining on them"),
     # 04_evaluation
     "gallery_max": Param(int, "largest number of misclassified images shown"),
+    "review_target_accuracy": Param(_NUM, "the operating point: accuracy the auto-classified validation images must "
+                                          "reach; the review threshold (in the bundle) is the lowest calibrated "
+                                          "confidence that meets it and review_max_miss"),
+    "review_max_miss": Param(_NUM, "the operating point: largest miss rate (defects called clean) among the "
+                                   "auto-classified validation images"),
+    "bootstrap_resamples": Param(int, "bootstrap resamples behind the 95% intervals of the headline figures"),
     # 06_cross_validation (make cv DATA=<folder>)
     "cv_folds": Param(int, "folds of the stratified group k-fold"),
     "cv_repeats": Param(int, "fold assignments (seeds seed, seed + 1, ...) each configuration is scored on; more "
@@ -151,7 +157,6 @@ SCHEMA: dict[str, Param] = {
     "int8_max_miss_rise": Param(_NUM, "largest acceptable validation rise in miss rate (defects called clean) of INT8 "
                                       "vs FP32 (0.01 = 1 point); beyond it the INT8 model is marked not fit"),
     "bench_threads": Param(int, "threads for the latency benchmark (PyTorch and ONNX Runtime); 0 = every core"),
-    "review_threshold": Param(_NUM, "lib.predict flags a prediction for review below this confidence (bundle default)"),
 }
 
 
@@ -159,6 +164,9 @@ SCHEMA: dict[str, Param] = {
 REMOVED = {
     "synthetic": "data_dir alone now says which images to use: leave it empty for the embedded synthetic dataset "
                  "(rendered into synthetic_dir), or set it to your image folder, which is only ever read",
+    "review_threshold": "the review threshold is now chosen on the validation split by the evaluation stage, from "
+                        "review_target_accuracy and review_max_miss, and written into bundle.json; "
+                        "python -m lib.predict --threshold still overrides it per run",
 }
 
 

@@ -121,13 +121,34 @@ def augmented_samples(gray: np.ndarray, y: np.ndarray, labels: list[str], augmen
     return fig
 
 
-def coverage(curve: pd.DataFrame):
-    """Accuracy on the images kept against the share kept (the least confident go to review)."""
+def coverage(curve: pd.DataFrame, point: dict | None = None):
+    """Accuracy on the images kept against the share kept (the least confident go to review), with
+    the operating point (`lib.calibration.auto_figures` on these images) marked when given."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.plot(curve["coverage"], curve["accuracy"])
+    if point is not None and point["auto"]:
+        ax.plot([point["coverage"]], [point["auto_accuracy"]], "o", color="C3",
+                label=f"operating point: confidence ≥ {point['threshold']:.3f}")
+        ax.legend(loc="lower left")
     ax.set_xlabel("coverage (share of images kept)")
     ax.set_ylabel("accuracy on kept images")
     ax.set_ylim(min(0.5, curve["accuracy"].min()), 1.005)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def reliability(tables: dict[str, pd.DataFrame], bins: int = 10):
+    """Reliability diagram: accuracy against mean confidence per confidence bin, one line per
+    {name: lib.calibration.reliability table}; the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfect calibration")
+    for i, (name, t) in enumerate(tables.items()):
+        ax.plot(t["confidence"], t["accuracy"], "o-", color=f"C{i}", label=name, ms=4)
+    ax.set_xlabel(f"mean confidence ({bins} equal-width bins)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.01)
+    ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 

@@ -23,9 +23,16 @@ def test_evaluation_report_holds_recall_table_and_confusion_matrix(smoke_run):
     assert "Per-class recall, precision and F1" in html and "macro avg" in html
     assert "Confusion matrix" in html and "row-normalised" in html
     assert "miss rate (defect -&gt; clean)" in html
-    assert len(re.findall(r"data:image/png;base64", html)) >= 4  # recall bars, confusion, coverage, curves
+    assert len(re.findall(r"data:image/png;base64", html)) >= 5  # recall bars, confusion, reliability, coverage, curves
+    for text in ("Headline figures with 95% intervals", "Calibrated confidence", "ECE before (T = 1)",
+                 "The operating point", "validation (chosen here)", "Per class at the operating point",
+                 "capture rate (auto)"):
+        assert text in html, text
     metrics = json.loads((smoke_run[0] / "build" / "eval" / "metrics.json").read_text())
     assert set(metrics["per_class"]) == {"bridge", "clean", "CMP(scratch)", "cracks", "LER", "open", "others", "vias"}
+    assert [r["figure"] for r in metrics["intervals"]] == ["accuracy", "macro recall", "miss rate", "false-alarm rate"]
+    assert metrics["intervals"][0]["value"] == pytest.approx(metrics["accuracy"])
+    assert set(metrics["ece"]) == {"before", "after"} and metrics["temperature"] > 0
 
 
 def test_training_loss_fell_and_weights_are_named(smoke_run):
@@ -65,7 +72,10 @@ def test_export_report_compares_int8_settings_and_times_three_engines(smoke_run)
                  exp["int8"]["setting"], "Date: "):
         assert text in card, text
     manifest = json.loads((build / "export" / "bundle.json").read_text())
-    assert manifest["review_threshold"] == 0.5 and "model.int8.onnx" in manifest["files"]
+    evaluated = json.loads((build / "eval" / "metrics.json").read_text())
+    assert manifest["review_threshold"] == evaluated["review_threshold"] == evaluated["operating_point"]["validation"]["threshold"]
+    assert manifest["temperature"] == evaluated["temperature"] > 0 and "model.int8.onnx" in manifest["files"]
+    assert "### Confidence and review" in card and "95% bootstrap intervals" in card
 
 
 @pytest.mark.parametrize("model", ["model.onnx", "model.int8.onnx"])

@@ -68,7 +68,7 @@ def unsplit_default(tmp_path_factory):
 
 
 # keys a user sets in an overlay that no stage but one declares: every record must still show them
-PROVENANCE = {"probe_c": 0.37, "quality_blur": 17.5, "review_threshold": 0.6}
+PROVENANCE = {"probe_c": 0.37, "quality_blur": 17.5, "int8_max_miss_rise": 0.02}
 
 
 @pytest.fixture(scope="module")

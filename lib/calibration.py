@@ -1,0 +1,208 @@
+"""Confidence that means what it says, the review threshold a fab runs at, and honest intervals.
+
+- Temperature scaling (Guo et al., 2017): one scalar T fitted on the validation split by
+  minimising the negative log-likelihood of softmax(logits / T); the argmax, and so every
+  recall figure, is unchanged. The export stage bakes T into the ONNX graph.
+- Expected calibration error (ECE) over equal-width confidence bins, and the table behind a
+  reliability diagram.
+- The operating point: the lowest confidence threshold whose auto-classified validation images
+  (confidence at or above it) meet the accuracy and miss-rate targets; images below it go to a
+  human. Coverage is the share auto-classified.
+- Bootstrap intervals (scipy.stats.bootstrap, percentile, images resampled with their labels)
+  for the headline figures, and paired bootstrap intervals for differences on the same images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.special import log_softmax, softmax
+
+from lib.metrics import CLEAN
+
+BINS = 10
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.05, 20.0)) -> float:
+    """The temperature T minimising the validation NLL of softmax(logits / T) (bounded search on log T)."""
+    from scipy.optimize import minimize_scalar
+
+    logits, y = np.asarray(logits, np.float64), np.asarray(y)
+    if len(y) == 0:
+        raise ValueError("temperature scaling needs at least one validation image")
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean())
+
+    res = minimize_scalar(nll, bounds=np.log(bounds), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(res.x))
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return softmax(np.asarray(logits, np.float64) / temperature, axis=1)
+
+
+def reliability(prob: np.ndarray, y: np.ndarray, bins: int = BINS) -> pd.DataFrame:
+    """Per equal-width confidence bin: images, mean confidence, accuracy (empty bins left out)."""
+    conf, correct = prob.max(1), prob.argmax(1) == np.asarray(y)
+    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    rows = [{"bin low": b / bins, "bin high": (b + 1) / bins, "images": int((idx == b).sum()),
+             "confidence": float(conf[idx == b].mean()), "accuracy": float(correct[idx == b].mean())}
+            for b in range(bins) if (idx == b).any()]
+    return pd.DataFrame(rows, columns=["bin low", "bin high", "images", "confidence", "accuracy"])
+
+
+def ece(prob: np.ndarray, y: np.ndarray, bins: int = BINS) -> float:
+    """Expected calibration error: the image-weighted mean |accuracy - confidence| over the bins."""
+    t = reliability(prob, y, bins)
+    return float((t["images"] * (t["accuracy"] - t["confidence"]).abs()).sum() / max(1, t["images"].sum()))
+
+
+def auto_figures(prob: np.ndarray, y: np.ndarray, classes: list[str], threshold: float) -> dict:
+    """What happens at a threshold: coverage, and accuracy and miss rate among the auto-classified
+    images (the miss rate counts auto-classified defect images called `clean`)."""
+    y = np.asarray(y)
+    conf, pred = prob.max(1), prob.argmax(1)
+    auto = conf >= threshold
+    out = {"threshold": float(threshold), "images": int(len(y)), "auto": int(auto.sum()),
+           "coverage": float(auto.mean()) if len(y) else 0.0,
+           "auto_accuracy": float((pred[auto] == y[auto]).mean()) if auto.any() else None,
+           "auto_errors": int((pred[auto] != y[auto]).sum())}
+    if CLEAN in classes:
+        c = classes.index(CLEAN)
+        defect = auto & (y != c)
+        out.update(auto_defects=int(defect.sum()), auto_missed=int((defect & (pred == c)).sum()),
+                   auto_miss_rate=float((pred[defect] == c).mean()) if defect.any() else None)
+    return out
+
+
+def choose_threshold(prob: np.ndarray, y: np.ndarray, classes: list[str], *, target_accuracy: float,
+                     max_miss_rate: float) -> dict:
+    """The operating point: the lowest threshold (the most images auto-classified) at which the
+    auto-classified images reach `target_accuracy` and a miss rate of at most `max_miss_rate`.
+
+    Candidates are the images' own confidences; when none qualifies, every image goes to review
+    (threshold just above the highest confidence, coverage 0), and `met` says so."""
+    conf = prob.max(1)
+    for t in np.unique(conf):  # ascending: the first that qualifies keeps the most images
+        f = auto_figures(prob, y, classes, t)
+        if f["auto_accuracy"] >= target_accuracy and (f.get("auto_miss_rate") or 0.0) <= max_miss_rate:
+            return {**f, "met": True, "target_accuracy": target_accuracy, "max_miss_rate": max_miss_rate}
+    top = float(np.nextafter(conf.max(), 2.0)) if len(conf) else 1.0
+    return {**auto_figures(prob, y, classes, top), "met": False, "target_accuracy": target_accuracy,
+            "max_miss_rate": max_miss_rate}
+
+
+def per_class_at(prob: np.ndarray, y: np.ndarray, classes: list[str], threshold: float) -> pd.DataFrame:
+    """Per class at the operating point: images, auto-classified, capture rate (recall) and purity
+    (precision) among the auto-classified, beside recall and precision over all images."""
+    y = np.asarray(y)
+    pred, auto = prob.argmax(1), prob.max(1) >= threshold
+    rows = []
+    for c, name in enumerate(classes):
+        true_c, auto_c = y == c, auto & (y == c)
+        called, called_all = auto & (pred == c), pred == c
+        rows.append({"class": name, "images": int(true_c.sum()), "auto-classified": int(auto_c.sum()),
+                     "capture rate (auto)": float((pred[auto_c] == c).mean()) if auto_c.any() else np.nan,
+                     "purity (auto)": float((y[called] == c).mean()) if called.any() else np.nan,
+                     "recall (all)": float((pred[true_c] == c).mean()) if true_c.any() else np.nan,
+                     "precision (all)": float((y[called_all] == c).mean()) if called_all.any() else np.nan})
+    return pd.DataFrame(rows).set_index("class")
+
+
+def _macro_recall(y, pred, n):
+    present = np.bincount(y, minlength=n) > 0
+    hits = np.bincount(y[pred == y], minlength=n)
+    return float((hits[present] / np.bincount(y, minlength=n)[present]).mean())
+
+
+def headline(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, macro recall, miss rate and false-alarm rate of predictions (NaN when undefined)."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    out = {"accuracy": float((y == pred).mean()), "macro recall": _macro_recall(y, pred, len(classes))}
+    if CLEAN in classes:
+        c = classes.index(CLEAN)
+        out["miss rate"] = float((pred[y != c] == c).mean()) if (y != c).any() else np.nan
+        out["false-alarm rate"] = float((pred[y == c] != c).mean()) if (y == c).any() else np.nan
+    return out
+
+
+def bootstrap(y: np.ndarray, pred: np.ndarray, classes: list[str], *, resamples: int = 2000, level: float = 0.95,
+              seed: int = 0) -> pd.DataFrame:
+    """Each headline figure with its percentile bootstrap interval (images resampled with their
+    labels, scipy.stats.bootstrap)."""
+    import warnings
+
+    from scipy.stats import DegenerateDataWarning, bootstrap as sp_bootstrap
+
+    y, pred = np.asarray(y), np.asarray(pred)
+    point = headline(y, pred, classes)
+    rows = []
+    for name, value in point.items():
+        def stat(i, name=name):
+            return headline(y[i.astype(int)], pred[i.astype(int)], classes)[name]
+
+        if np.isnan(value) or len(y) < 2:
+            low = high = np.nan
+        else:
+            with warnings.catch_warnings():  # a figure constant over resamples (e.g. 0 misses) is no error
+                warnings.simplefilter("ignore", category=DegenerateDataWarning)
+                ci = sp_bootstrap((np.arange(len(y)),), stat, n_resamples=resamples, confidence_level=level,
+                                  method="percentile", vectorized=False, random_state=np.random.default_rng(seed))
+            low, high = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
+        rows.append({"figure": name, "value": value, "low": low, "high": high})
+    return pd.DataFrame(rows).set_index("figure")
+
+
+def paired_bootstrap(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, classes: list[str], *,
+                     resamples: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Differences b - a of each headline figure on the same images, with paired percentile bootstrap
+    intervals (one resample of images serves both), and the share of resamples on the other side of 0
+    (a two-sided bootstrap p-value)."""
+    y, a, b = np.asarray(y), np.asarray(pred_a), np.asarray(pred_b)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(y), size=(resamples, len(y)))
+    point_a, point_b = headline(y, a, classes), headline(y, b, classes)
+    draws = {k: [] for k in point_a}
+    for i in idx:
+        ha, hb = headline(y[i], a[i], classes), headline(y[i], b[i], classes)
+        for k in draws:
+            draws[k].append(hb[k] - ha[k])
+    rows = []
+    for k, d in draws.items():
+        d = np.asarray(d, float)
+        d = d[~np.isnan(d)]
+        diff = point_b[k] - point_a[k]
+        if len(d) == 0 or np.isnan(diff):
+            rows.append({"figure": k, "difference": diff, "low": np.nan, "high": np.nan, "p": np.nan})
+            continue
+        lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+        p = min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())) if diff != 0 else 1.0
+        rows.append({"figure": k, "difference": diff, "low": float(lo), "high": float(hi), "p": float(p)})
+    return pd.DataFrame(rows).set_index("figure")
+
+
+def records(table: pd.DataFrame) -> list[dict]:
+    """A table's rows (index included) as plain dicts with None for NaN: strict JSON."""
+    flat = table.reset_index()
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+            for row in flat.to_dict(orient="records")]
+
+
+def decimals(n: int) -> int:
+    """Decimals a proportion over n images supports: one image moves it by 1/n, so 2 decimals up to
+    a few hundred images, 3 up to a few thousand."""
+    return 2 if n < 1000 else 3 if n < 10000 else 4
+
+
+def fmt(value: float, low: float, high: float, n: int, percent: bool = False) -> str:
+    """'0.92 [0.88, 0.96]' (or '3.8 % [1.4, 7.2]'), rounded to what n images support."""
+    if value is None or np.isnan(value):
+        return "n/a"
+    d = decimals(n)
+    if low is None or high is None or np.isnan(low) or np.isnan(high):
+        return f"{100 * value:.{max(0, d - 2)}f} %" if percent else f"{value:.{d}f}"
+    if percent:
+        d = max(0, d - 2)
+        return f"{100 * value:.{d}f} % [{100 * low:.{d}f}, {100 * high:.{d}f}]"
+    return f"{value:.{d}f} [{low:.{d}f}, {high:.{d}f}]"
