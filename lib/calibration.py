@@ -93,6 +93,20 @@ def choose_threshold(prob: np.ndarray, y: np.ndarray, classes: list[str], *, tar
             "max_miss_rate": max_miss_rate}
 
 
+def point_table(points: dict[str, dict]) -> pd.DataFrame:
+    """Operating-point figures side by side ({column: auto_figures(...)}), formatted for reading."""
+    rows = [("threshold", "threshold", "{:.4f}"), ("images", "images", "{:d}"), ("auto-classified", "auto", "{:d}"),
+            ("coverage", "coverage", "{:.1%}"), ("accuracy of the auto-classified", "auto_accuracy", "{:.1%}"),
+            ("errors among them", "auto_errors", "{:d}"), ("auto-classified defect images", "auto_defects", "{:d}"),
+            ("of which called clean", "auto_missed", "{:d}"), ("miss rate of the auto-classified", "auto_miss_rate",
+                                                               "{:.1%}")]
+    table = {}
+    for column, f in points.items():
+        table[column] = {name: ("n/a" if f.get(key) is None else form.format(f[key])) for name, key, form in rows
+                         if key in f}
+    return pd.DataFrame(table)
+
+
 def per_class_at(prob: np.ndarray, y: np.ndarray, classes: list[str], threshold: float) -> pd.DataFrame:
     """Per class at the operating point: images, auto-classified, capture rate (recall) and purity
     (precision) among the auto-classified, beside recall and precision over all images."""

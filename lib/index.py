@@ -90,7 +90,7 @@ def _interval(m: dict, figure: str, key: str) -> str | float | None:
 
 def _operating_point(threshold: float, t: dict) -> str:
     acc = "n/a" if t["auto_accuracy"] is None else f"{t['auto_accuracy']:.3f}"
-    miss = "" if "auto_miss_rate" not in t else f", miss rate {t['auto_miss_rate']:.3f}"
+    miss = "" if t.get("auto_miss_rate") is None else f", miss rate {t['auto_miss_rate']:.3f}"
     return f"{threshold:.3f} / {t['coverage']:.2f} ({t['auto']} of {t['images']}) / accuracy {acc}{miss}"
 
 

@@ -29,6 +29,23 @@ def image_grid(paths, titles=None, *, ncols: int = 6, size: int = 128, cell: flo
     return fig
 
 
+def cam_grid(gray: np.ndarray, maps: np.ndarray, titles, *, ncols: int = 6, cell: float = 1.8):
+    """Decoded images [N, 1, H, W] (or [N, H, W]) with their class-activation maps [N, H, W] (0-1)
+    overlaid: the image in gray, the map in colour where it is strong."""
+    gray = np.asarray(gray).reshape(len(maps), *maps.shape[-2:])
+    nrows = max(1, int(np.ceil(len(maps) / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k in range(len(maps)):
+        ax = axes.flat[k]
+        ax.imshow(gray[k], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(np.ma.masked_less(maps[k], 0.2), cmap="jet", vmin=0, vmax=1, alpha=0.45)
+        ax.set_title(titles[k], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def samples_per_class(readable: pd.DataFrame, classes: list[str], n: int, seed: int):
     """A grid of up to n images per class (one row per class), decoded as the model sees them."""
     sample = readable.sample(frac=1.0, random_state=seed).groupby("class").head(n)

@@ -35,7 +35,8 @@ def cv_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cv")
     data = user_folder(tmp / "my-sem", splits=())
     overlay = tmp / "cv.yaml"
-    overlay.write_text("cv_folds: 2\ncv_configs: ['arch:efficientnet_lite0 weights:imagenet recipe:probe image_size:64']\n")
+    overlay.write_text("cv_folds: 2\ncv_repeats: 2\ncv_configs: ['arch:efficientnet_lite0 weights:imagenet recipe:probe "
+                       "image_size:64', 'arch:efficientnet_lite0 weights:imagenet recipe:probe image_size:64 probe_c:0.05']\n")
     before = snapshot(data)
     args = [f"DATA={data}", f"PARAMS={overlay}", f"BUILD={tmp / 'build'}", f"REPORTS={tmp / 'reports'}"]
     first = make("cv", *args)
@@ -48,12 +49,22 @@ def test_cross_validation_report_runs_two_folds_and_leaves_the_data_alone(cv_run
     tmp, data, before, first, _ = cv_run
     assert snapshot(data) == before
     record = json.loads((tmp / "build" / "cv" / "cv.json").read_text())
-    assert record["folds"] == 2 and len(record["configs"]) == 1
-    config = record["configs"][0]
-    assert config["weights"] == "imagenet" and config["recipe"] == "probe" and len(config["folds"]) == 2
+    assert record["folds"] == 2 and record["repeats"] == 2 and len(record["configs"]) == 2
+    config, other = record["configs"]
+    assert config["weights"] == "imagenet" and config["recipe"] == "probe" and len(config["folds"]) == 4
+    assert [f["repeat"] for f in config["folds"]] == [1, 1, 2, 2]
     assert set(config["shifts"]) and 0 <= config["macro_recall_mean"] <= 1
+    assert config["vs_reference_points"] is None and record["reference"] == config["config"]
+    paired = other["vs_reference_points"]
+    assert paired["low"] <= paired["difference (points)"] <= paired["high"] and 0 <= paired["p"] <= 1
+    assert paired["folds better"] + paired["folds worse"] <= 4
+    assert isinstance(record["label_issues"], list)
     html = (tmp / "reports" / "06_cross_validation.html").read_text()
-    assert "no duplicate group crosses folds" in html and "Robustness to shift" in html
+    for text in ("no duplicate group crosses folds", "Robustness to shift", "2 fold assignments", "vs reference",
+                 "worst fold", "Label-issue audit", "images flagged"):
+        assert text in html, text
+    groups = (tmp / "build" / "cv" / "groups.csv").read_text().splitlines()[0]
+    assert groups.endswith("fold r1,fold r2")
 
 
 def test_cross_validation_results_are_plain_json_reused_only_for_the_same_code(cv_run):
@@ -62,7 +73,7 @@ def test_cross_validation_results_are_plain_json_reused_only_for_the_same_code(c
     from lib.io import read_json
 
     cached = list((tmp / "build" / "cv" / "results").glob("*.json"))
-    assert len(cached) == 1
+    assert len(cached) == 2
     record = read_json(cached[0])
     assert record["code_version"] == cv.code_version() and record["result"]["config"].startswith("arch:")
     executed = tmp / "build" / "notebooks" / "06_cross_validation.ipynb"

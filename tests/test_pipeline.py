@@ -25,7 +25,7 @@ def test_evaluation_report_holds_recall_table_and_confusion_matrix(smoke_run):
     assert "miss rate (defect -&gt; clean)" in html
     assert len(re.findall(r"data:image/png;base64", html)) >= 5  # recall bars, confusion, reliability, coverage, curves
     for text in ("Headline figures with 95% intervals", "Calibrated confidence", "ECE before (T = 1)",
-                 "The operating point", "validation (chosen here)", "Per class at the operating point",
+                 "The operating point", "validation (chosen here)", "accuracy of the auto-classified", "Per class at the operating point",
                  "capture rate (auto)"):
         assert text in html, text
     metrics = json.loads((smoke_run[0] / "build" / "eval" / "metrics.json").read_text())
