@@ -62,7 +62,7 @@ def test_export_report_compares_int8_settings_and_times_three_engines(smoke_run)
     assert bench["machine"]["threads"] >= 1 and len(bench["machine"]["load_average_before"]) == 3
     html = (smoke_run[0] / "reports" / "05_export.html").read_text()
     for text in ("INT8: the quantisation settings compared", "U8S8 reduce_range Entropy", "S8S8 Percentile",
-                 "INT8 against FP32: the recall-first gate", "Latency: PyTorch eager, ONNX Runtime FP32 and INT8",
+                 "INT8 against FP32: the recall-first gate", "INT8 − FP32 (points)", "Latency: PyTorch eager, ONNX Runtime FP32 and INT8",
                  "multiply-adds"):
         assert text in html, text
     assert len(re.findall(r"data:image/png;base64", html)) >= 1  # the latency plot
