@@ -141,30 +141,47 @@ def headline(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
     return out
 
 
+def _counts(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
+    """(successes, trials) behind each headline figure that is a proportion."""
+    out = {"accuracy": (int((y == pred).sum()), len(y))}
+    if CLEAN in classes:
+        c = classes.index(CLEAN)
+        out["miss rate"] = (int((pred[y != c] == c).sum()), int((y != c).sum()))
+        out["false-alarm rate"] = (int((pred[y == c] != c).sum()), int((y == c).sum()))
+    return out
+
+
 def bootstrap(y: np.ndarray, pred: np.ndarray, classes: list[str], *, resamples: int = 2000, level: float = 0.95,
               seed: int = 0) -> pd.DataFrame:
     """Each headline figure with its percentile bootstrap interval (images resampled with their
-    labels, scipy.stats.bootstrap)."""
+    labels, scipy.stats.bootstrap). When a proportion is the same in every resample (0 of n, n of n)
+    the bootstrap interval collapses to a point; the Wilson interval of its count is given instead
+    (`method` says which)."""
     import warnings
 
     from scipy.stats import DegenerateDataWarning, bootstrap as sp_bootstrap
 
+    from lib.metrics import wilson_interval
+
     y, pred = np.asarray(y), np.asarray(pred)
-    point = headline(y, pred, classes)
+    point, counts = headline(y, pred, classes), _counts(y, pred, classes)
     rows = []
     for name, value in point.items():
         def stat(i, name=name):
             return headline(y[i.astype(int)], pred[i.astype(int)], classes)[name]
 
-        if np.isnan(value) or len(y) < 2:
-            low = high = np.nan
-        else:
+        low = high = np.nan
+        method = "bootstrap"
+        if not np.isnan(value) and len(y) >= 2:
             with warnings.catch_warnings():  # a figure constant over resamples (e.g. 0 misses) is no error
                 warnings.simplefilter("ignore", category=DegenerateDataWarning)
                 ci = sp_bootstrap((np.arange(len(y)),), stat, n_resamples=resamples, confidence_level=level,
                                   method="percentile", vectorized=False, random_state=np.random.default_rng(seed))
             low, high = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
-        rows.append({"figure": name, "value": value, "low": low, "high": high})
+        if name in counts and not np.isnan(value) and (np.isnan(low) or low == high):
+            low, high = wilson_interval(*counts[name], confidence=level)
+            method = "Wilson (every resample gave the same value)"
+        rows.append({"figure": name, "value": value, "low": low, "high": high, "method": method})
     return pd.DataFrame(rows).set_index("figure")
 
 

@@ -80,7 +80,13 @@ def test_bootstrap_intervals_hold_the_figure_and_are_reproducible():
     assert ((a["low"] <= a["value"]) & (a["value"] <= a["high"])).all()
     assert 0.05 < a.loc["accuracy", "high"] - a.loc["accuracy", "low"] < 0.25  # about ±1.96 sqrt(p(1-p)/n)
     perfect = calibration.bootstrap(y, y, CLASSES, resamples=200)
-    assert perfect.loc["miss rate", "value"] == 0 and perfect.loc["miss rate", "high"] == 0  # degenerate, no error
+    # every resample has 0 misses: the bootstrap collapses, the Wilson interval of 0 of n stands in
+    from lib.metrics import wilson_interval
+
+    defects = int((y != 1).sum())
+    assert perfect.loc["miss rate", "value"] == 0 and perfect.loc["miss rate", "low"] == 0
+    assert perfect.loc["miss rate", "high"] == pytest.approx(wilson_interval(0, defects)[1]) and defects > 0
+    assert perfect.loc["miss rate", "method"].startswith("Wilson") and a.loc["accuracy", "method"] == "bootstrap"
     assert calibration.fmt(0.9234, 0.88, 0.96, 180) == "0.92 [0.88, 0.96]"
     assert calibration.fmt(0.038, 0.01, 0.07, 156, percent=True) == "4 % [1, 7]"
     assert calibration.records(a)[0]["figure"] == "accuracy"
