@@ -23,7 +23,7 @@ from lib.metrics import CLEAN
 BINS = 10
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.05, 20.0)) -> float:
+def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.1, 20.0)) -> float:
     """The temperature T minimising the validation NLL of softmax(logits / T) (bounded search on log T)."""
     from scipy.optimize import minimize_scalar
 
@@ -36,6 +36,26 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.05, 20.0)) -> f
 
     res = minimize_scalar(nll, bounds=np.log(bounds), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(res.x))
+
+
+def calibrate(logits: np.ndarray, y: np.ndarray, bounds=(0.1, 20.0)) -> dict:
+    """`fit_temperature` where the validation split can support it: {"temperature", "fitted", "reason"}.
+
+    With no validation images, or none wrong, the NLL keeps falling as T shrinks and the fit only
+    finds its bound: T stays 1 (uncalibrated) and `reason` says why. The same when the fit lands
+    on a bound."""
+    y = np.asarray(y)
+    if len(y) == 0:
+        return {"temperature": 1.0, "fitted": False, "reason": "no validation images: confidences are not calibrated"}
+    if (np.asarray(logits).argmax(1) == y).all():
+        return {"temperature": 1.0, "fitted": False,
+                "reason": f"every one of the {len(y)} validation images is right, so the fit has nothing to learn "
+                          f"from (the NLL falls without limit as T shrinks): confidences are not calibrated"}
+    t = fit_temperature(logits, y, bounds)
+    if not bounds[0] * 1.02 < t < bounds[1] / 1.02:
+        return {"temperature": 1.0, "fitted": False,
+                "reason": f"the fit reached its bound (T = {t:.3g}, bounds {bounds}): confidences are not calibrated"}
+    return {"temperature": t, "fitted": True, "reason": ""}
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -81,16 +101,22 @@ def choose_threshold(prob: np.ndarray, y: np.ndarray, classes: list[str], *, tar
     """The operating point: the lowest threshold (the most images auto-classified) at which the
     auto-classified images reach `target_accuracy` and a miss rate of at most `max_miss_rate`.
 
-    Candidates are the images' own confidences; when none qualifies, every image goes to review
-    (threshold just above the highest confidence, coverage 0), and `met` says so."""
+    Candidates are the images' own confidences, less 1e-6 so that the same image scored in float32
+    elsewhere (ONNX Runtime) stays on the same side; when none qualifies, the threshold is just
+    above 1, which no confidence reaches: every image goes to review, and `met` says so."""
+    if len(y) == 0:  # nothing to choose on: the prediction command's default, and say so
+        from lib.predict import DEFAULT_THRESHOLD
+
+        return {"threshold": DEFAULT_THRESHOLD, "images": 0, "auto": 0, "coverage": 0.0, "auto_accuracy": None,
+                "auto_errors": 0, "met": False, "target_accuracy": target_accuracy, "max_miss_rate": max_miss_rate,
+                "reason": "no validation images: the threshold is the prediction command's default"}
     conf = prob.max(1)
-    for t in np.unique(conf):  # ascending: the first that qualifies keeps the most images
-        f = auto_figures(prob, y, classes, t)
+    for c in np.unique(conf):  # ascending: the first that qualifies keeps the most images
+        f = auto_figures(prob, y, classes, float(c) - 1e-6)
         if f["auto_accuracy"] >= target_accuracy and (f.get("auto_miss_rate") or 0.0) <= max_miss_rate:
             return {**f, "met": True, "target_accuracy": target_accuracy, "max_miss_rate": max_miss_rate}
-    top = float(np.nextafter(conf.max(), 2.0)) if len(conf) else 1.0
-    return {**auto_figures(prob, y, classes, top), "met": False, "target_accuracy": target_accuracy,
-            "max_miss_rate": max_miss_rate}
+    return {**auto_figures(prob, y, classes, float(np.nextafter(1.0, 2.0))), "met": False,
+            "target_accuracy": target_accuracy, "max_miss_rate": max_miss_rate}
 
 
 def point_table(points: dict[str, dict]) -> pd.DataFrame:
@@ -180,7 +206,7 @@ def bootstrap(y: np.ndarray, pred: np.ndarray, classes: list[str], *, resamples:
             low, high = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
         if name in counts and not np.isnan(value) and (np.isnan(low) or low == high):
             low, high = wilson_interval(*counts[name], confidence=level)
-            method = "Wilson (every resample gave the same value)"
+            method = "Wilson (the bootstrap interval collapses or is undefined for this count)"
         rows.append({"figure": name, "value": value, "low": low, "high": high, "method": method})
     return pd.DataFrame(rows).set_index("figure")
 

@@ -156,10 +156,11 @@ def _card_confidence(ev: dict) -> str:
 
 ### Confidence and review
 - Confidences are calibrated: temperature T = {ev['temperature']:.3f}, fitted on the validation split, is folded
-  into the classifier. Test ECE {ece['before']['test']:.3f} before, {ece['after']['test']:.3f} after.
+  into the classifier. Test ECE {ece['before']['test']:.3f} before, {ece['after']['test']:.3f} after.{'' if ev.get('temperature_fitted', True) else ' Not fitted: ' + ev.get('temperature_note', '') + '.'}
 - Review threshold (in `bundle.json`, used by `lib.predict`): **{v['threshold']:.4f}**, the lowest calibrated
   confidence at which the auto-classified validation images reach accuracy {v['target_accuracy']} with a miss rate of
-  at most {v['max_miss_rate']} ({'met' if v['met'] else 'NOT met: every image goes to review'}).
+  at most {v['max_miss_rate']} ({'met' if v['met'] else 'NOT met: every image goes to review'}), chosen with the FP32
+  model; `model.int8.onnx` uses the same threshold.
 - At that threshold on test: {t['auto']} of {t['images']} images auto-classified (coverage {pct(t['coverage'])}),
   accuracy {pct(t['auto_accuracy'])} among them ({t['auto_errors']} errors), miss rate
   {pct(t.get('auto_miss_rate'))} ({t.get('auto_missed', 0)} of {t.get('auto_defects', 0)} auto-classified defect images).
@@ -194,7 +195,7 @@ Date: {date}
 
 ## Model
 - Architecture: `{trained_with.get('arch')}` (width {trained_with.get('width')}); input `input`, float32
-  [N, 3, {trained_with.get('image_size')}, {trained_with.get('image_size')}]; output `logits` [N, {len(classes)}] (softmax gives probabilities).
+  [N, 3, {trained_with.get('image_size')}, {trained_with.get('image_size')}]; output `logits` [N, {len(classes)}], already divided by the calibration temperature (softmax gives the calibrated confidence).
 - Classes, in output order: {', '.join(f'`{c}`' for c in classes)} (`labels.json`; `label_encoder.pkl` only for
   older scripts that unpickle it).
 - Preprocessing: `preprocessing.json` (the definition in `lib/preprocess.py`; `python -m lib.predict` applies it).

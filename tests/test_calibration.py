@@ -31,6 +31,20 @@ def test_temperature_scaling_recovers_the_overconfidence_and_lowers_ece():
     assert (calibration.probabilities(logits, t).argmax(1) == logits.argmax(1)).all()  # predictions unchanged
 
 
+def test_temperature_stays_1_when_validation_cannot_support_a_fit():
+    logits = np.array([[5.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 6.0]])
+    none_wrong = calibration.calibrate(logits, np.array([0, 1, 2]))
+    assert none_wrong["temperature"] == 1.0 and not none_wrong["fitted"] and "every one of the 3" in none_wrong["reason"]
+    empty = calibration.calibrate(np.zeros((0, 3)), np.zeros(0, int))
+    assert empty["temperature"] == 1.0 and not empty["fitted"]
+    point = calibration.choose_threshold(np.zeros((0, 3)), np.zeros(0, int), CLASSES, target_accuracy=0.99,
+                                         max_miss_rate=0.0)
+    assert not point["met"] and point["threshold"] == 0.5 and "no validation images" in point["reason"]
+    logits, y = overconfident(n=600)
+    fitted = calibration.calibrate(logits, y)
+    assert fitted["fitted"] and fitted["temperature"] == pytest.approx(calibration.fit_temperature(logits, y))
+
+
 def test_reliability_bins_count_every_image_once():
     prob = softmax(np.random.default_rng(1).normal(0, 2, (500, 3)), axis=1)
     y = np.random.default_rng(2).integers(0, 3, 500)
@@ -51,18 +65,18 @@ def test_operating_point_is_the_lowest_threshold_that_meets_the_targets():
     for i in range(8):
         prob[i, [c for c in range(3) if c != pred[i]]] = (1 - conf[i]) / 2
     point = calibration.choose_threshold(prob, y, CLASSES, target_accuracy=0.99, max_miss_rate=0.0)
-    assert point["met"] and point["threshold"] == 0.75 and point["auto"] == 5 and point["coverage"] == 5 / 8
+    assert point["met"] and point["threshold"] == pytest.approx(0.75, abs=2e-6) and point["auto"] == 5 and point["coverage"] == 5 / 8
     assert point["auto_accuracy"] == 1.0 and point["auto_missed"] == 0
     # a looser accuracy target lets in one wrong image, but not the miss
     loose = calibration.choose_threshold(prob, y, CLASSES, target_accuracy=0.8, max_miss_rate=0.0)
-    assert loose["threshold"] == 0.75
+    assert loose["threshold"] == pytest.approx(0.75, abs=2e-6)
     looser = calibration.choose_threshold(prob, y, CLASSES, target_accuracy=0.7, max_miss_rate=0.5)
-    assert looser["threshold"] == 0.65 and looser["auto"] == 7  # 5 of 7 right, 1 miss among 5 defects
+    assert looser["threshold"] == pytest.approx(0.65, abs=2e-6) and looser["auto"] == 7  # 5 of 7 right, 1 miss among 5 defects
     # no threshold can reach perfection when the most confident image is wrong: all go to review
     prob_bad = prob.copy()
     prob_bad[0] = [0.02, 0.96, 0.02]  # the most confident: bridge called clean
     none = calibration.choose_threshold(prob_bad, y, CLASSES, target_accuracy=0.99, max_miss_rate=0.0)
-    assert not none["met"] and none["auto"] == 0 and none["coverage"] == 0.0
+    assert not none["met"] and none["auto"] == 0 and none["coverage"] == 0.0 and none["threshold"] > 1.0
     at = calibration.auto_figures(prob, y, CLASSES, point["threshold"])
     assert at["auto"] == 5 and at["auto_errors"] == 0
     per_class = calibration.per_class_at(prob, y, CLASSES, point["threshold"])

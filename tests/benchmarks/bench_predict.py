@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import sem_like  # noqa: E402
 
-from lib import data, export, model as net, params, preprocess  # noqa: E402
+from lib import data, export, model as net, params, predict, preprocess  # noqa: E402
 
 
 def make_bundle(folder: Path) -> Path:
@@ -36,7 +36,7 @@ def make_bundle(folder: Path) -> Path:
     export.export_onnx(m, folder / "model.onnx", size=size)
     export.write_labels(folder, classes)
     (folder / "preprocessing.json").write_text(json.dumps(preprocess.preprocessing_spec(size)))
-    export.write_bundle_manifest(folder, review_threshold=base["review_threshold"], int8_fit=True)
+    export.write_bundle_manifest(folder, review_threshold=predict.DEFAULT_THRESHOLD, int8_fit=True)
     return folder / "model.onnx"
 
 
