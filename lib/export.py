@@ -148,15 +148,17 @@ def _card_confidence(ev: dict) -> str:
         return "n/a" if x is None else f"{100 * x:.1f} %"
 
     ece = ev["ece"]
+    calibrated = (f"Confidences are calibrated: temperature T = {ev['temperature']:.3f}, fitted on the validation split, "
+                  f"is folded into the classifier." if ev.get("temperature_fitted", True) else
+                  f"Confidences are **not** calibrated (T = 1): {ev.get('temperature_note', '')}.")
     return f"""
-### Test split ({n} images), FP32, with 95% bootstrap intervals
+### Test split ({n} images), FP32, with 95% intervals (bootstrap; Wilson where a count never varies)
 | figure | value [95% interval] |
 |---|---|
 {rows}
 
 ### Confidence and review
-- Confidences are calibrated: temperature T = {ev['temperature']:.3f}, fitted on the validation split, is folded
-  into the classifier. Test ECE {ece['before']['test']:.3f} before, {ece['after']['test']:.3f} after.{'' if ev.get('temperature_fitted', True) else ' Not fitted: ' + ev.get('temperature_note', '') + '.'}
+- {calibrated} Test ECE {ece['before']['test']:.3f} before, {ece['after']['test']:.3f} after.
 - Review threshold (in `bundle.json`, used by `lib.predict`): **{v['threshold']:.4f}**, the lowest calibrated
   confidence at which the auto-classified validation images reach accuracy {v['target_accuracy']} with a miss rate of
   at most {v['max_miss_rate']} ({'met' if v['met'] else 'NOT met: every image goes to review'}), chosen with the FP32

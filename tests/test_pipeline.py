@@ -75,7 +75,7 @@ def test_export_report_compares_int8_settings_and_times_three_engines(smoke_run)
     evaluated = json.loads((build / "eval" / "metrics.json").read_text())
     assert manifest["review_threshold"] == evaluated["review_threshold"] == evaluated["operating_point"]["validation"]["threshold"]
     assert manifest["temperature"] == evaluated["temperature"] > 0 and "model.int8.onnx" in manifest["files"]
-    assert "### Confidence and review" in card and "95% bootstrap intervals" in card
+    assert "### Confidence and review" in card and "with 95% intervals" in card
 
 
 @pytest.mark.parametrize("model", ["model.onnx", "model.int8.onnx"])
