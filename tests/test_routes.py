@@ -4,7 +4,7 @@ Each route runs the five stages to reports, the index and a bundle that `lib.pre
 folder the tests build (mixed-case class folders, JPEG / TIFF / 16-bit / RGBA files, a notes file,
 one unreadable image), and checks byte for byte that the folder is exactly as it was:
 
-- presplit_probe: the recommended route, `params/own_dataset.example.yaml` copied and pointed at a
+- presplit_example: the recommended route, `params/own_dataset.example.yaml` copied and pointed at a
   pre-split folder (train / validate / test), as the README tells a user to;
 - unsplit_default: a folder with one sub-folder per class given by a data-only overlay, so the base
   parameters' default (EfficientNet-Lite0, recipe partial) runs on it, for two short epochs;
@@ -50,8 +50,8 @@ def run_route(tmp, params: list, data):
 
 
 @pytest.fixture(scope="module")
-def presplit_probe(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("presplit_probe")
+def presplit_example(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("presplit_example")
     data = user_folder(tmp / "my-sem")
     return run_route(tmp, [own_overlay(tmp, data), SMALL], data)
 
@@ -81,7 +81,7 @@ def presplit_no_test(tmp_path_factory):
     return run_route(tmp, [own_overlay(tmp, data, extra), SMALL, lpft], data)
 
 
-ROUTES = ["presplit_probe", "unsplit_default", "presplit_no_test"]
+ROUTES = ["presplit_example", "unsplit_default", "presplit_no_test"]
 
 
 @pytest.fixture(params=ROUTES)
@@ -122,20 +122,20 @@ def test_every_json_written_is_strict(route):
         read_json(f)  # NaN or Infinity would raise
 
 
-def test_recommended_route_used_what_it_asked_for(presplit_probe):
-    build = presplit_probe["build"]
+def test_recommended_route_used_what_it_asked_for(presplit_example):
+    build = presplit_example["build"]
     summary = json.loads((build / "train" / "summary.json").read_text())
-    assert summary["arch"] == "efficientnet_lite0" and summary["recipe"] == "probe"
+    assert summary["arch"] == "efficientnet_lite0" and summary["recipe"] == "partial"
     assert summary["weights"]["source"] == "imagenet"
     split = pd.read_csv(build / "split" / "split.csv")
     assert set(split["class"]) == set(CLASSES) and set(split["split"]) == {"train", "val", "test"}
     assert not split["path"].str.endswith("broken.png").any()
-    eda = (presplit_probe["reports"] / "01_eda.html").read_text()
+    eda = (presplit_example["reports"] / "01_eda.html").read_text()
     assert "broken.png" in eda and "cannot identify image file" in eda
     assert "<code>Vias</code> → <code>vias</code>" in eda  # the capitalised folder, matched
     for stage in ("eda", "split", "train", "eval", "export"):
         record = json.loads((build / stage / "params.json").read_text())
-        assert record["data_dir"] == str(presplit_probe["data"]) and record["arch"] == "efficientnet_lite0"
+        assert record["data_dir"] == str(presplit_example["data"]) and record["arch"] == "efficientnet_lite0"
         assert record["image_size"] == 64 and record["recipe"] == "probe"
 
 
