@@ -136,7 +136,7 @@ def test_recommended_route_used_what_it_asked_for(presplit_example):
     for stage in ("eda", "split", "train", "eval", "export"):
         record = json.loads((build / stage / "params.json").read_text())
         assert record["data_dir"] == str(presplit_example["data"]) and record["arch"] == "efficientnet_lite0"
-        assert record["image_size"] == 64 and record["recipe"] == "probe"
+        assert record["image_size"] == 64 and record["recipe"] == "partial"
 
 
 def test_unsplit_route_runs_the_default_recipe(unsplit_default):
