@@ -150,30 +150,28 @@ def per_class_at(prob: np.ndarray, y: np.ndarray, classes: list[str], threshold:
     return pd.DataFrame(rows).set_index("class")
 
 
-def _macro_recall(y, pred, n):
-    present = np.bincount(y, minlength=n) > 0
-    hits = np.bincount(y[pred == y], minlength=n)
-    return float((hits[present] / np.bincount(y, minlength=n)[present]).mean())
-
-
 def headline(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, macro recall, miss rate and false-alarm rate of predictions (NaN when undefined)."""
+    from lib.metrics import defect_vs_clean, macro_recall
+
     y, pred = np.asarray(y), np.asarray(pred)
-    out = {"accuracy": float((y == pred).mean()), "macro recall": _macro_recall(y, pred, len(classes))}
+    out = {"accuracy": float((y == pred).mean()), "macro recall": macro_recall(y, pred, len(classes))}
     if CLEAN in classes:
-        c = classes.index(CLEAN)
-        out["miss rate"] = float((pred[y != c] == c).mean()) if (y != c).any() else np.nan
-        out["false-alarm rate"] = float((pred[y == c] != c).mean()) if (y == c).any() else np.nan
+        e = defect_vs_clean(y, pred, classes)
+        out["miss rate"] = np.nan if e["miss_rate"] is None else e["miss_rate"]
+        out["false-alarm rate"] = np.nan if e["false_alarm_rate"] is None else e["false_alarm_rate"]
     return out
 
 
 def _counts(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
     """(successes, trials) behind each headline figure that is a proportion."""
+    from lib.metrics import defect_vs_clean
+
     out = {"accuracy": (int((y == pred).sum()), len(y))}
     if CLEAN in classes:
-        c = classes.index(CLEAN)
-        out["miss rate"] = (int((pred[y != c] == c).sum()), int((y != c).sum()))
-        out["false-alarm rate"] = (int((pred[y == c] != c).sum()), int((y == c).sum()))
+        e = defect_vs_clean(y, pred, classes)
+        out["miss rate"] = (e["missed"], e["defects"])
+        out["false-alarm rate"] = (e["false_alarms"], e["cleans"])
     return out
 
 

@@ -58,12 +58,12 @@ def nearest(train_features: np.ndarray, query_features: np.ndarray, k: int = 3) 
 
 def out_of_fold_probe(features: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5, seed: int = 0,
                       groups: np.ndarray | None = None) -> np.ndarray:
-    """Out-of-fold class probabilities [N, C] of a logistic regression on fixed features (stratified,
-    group-aware when groups are given): each image scored by a model that never saw its label."""
-    from sklearn.linear_model import LogisticRegression
+    """Out-of-fold class probabilities [N, C] of the training stage's linear probe
+    (`lib.recipes.linear_probe`) on fixed features (stratified, group-aware when groups are given):
+    each image scored by a model that never saw its label."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+
+    from lib.recipes import linear_probe
 
     y = np.asarray(y)
     k = int(max(2, min(folds, np.bincount(y)[np.bincount(y) > 0].min())))
@@ -71,8 +71,7 @@ def out_of_fold_probe(features: np.ndarray, y: np.ndarray, n_classes: int, *, fo
                 else StratifiedKFold(k, shuffle=True, random_state=seed))
     prob = np.zeros((len(y), n_classes))
     for tr, te in splitter.split(features, y, groups):
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000, class_weight="balanced"))
-        clf.fit(features[tr], y[tr])
+        _, _, clf = linear_probe(features[tr], y[tr], n_classes, c=0.5, seed=seed)
         prob[np.ix_(te, clf.classes_)] = clf.predict_proba(features[te])
     return prob
 
