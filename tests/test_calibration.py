@@ -133,13 +133,17 @@ def test_the_exported_graph_gives_the_calibrated_probabilities(tmp_path):
         net.fold_temperature(m, 0.0)
 
 
-def test_predict_flags_review_below_the_bundle_threshold(tmp_path):
-    from conftest import make_bundle, sem_like
+def test_predict_flags_review_below_the_bundle_threshold(lite0_bundle, tmp_path):
+    import shutil
+
+    from conftest import sem_like
     from PIL import Image
 
     from lib import predict
 
-    model = make_bundle(tmp_path, CLASSES, size=32, threshold=0.0)
+    folder = tmp_path / "bundle"
+    shutil.copytree(lite0_bundle.parent, folder)  # the shared bundle stays as it is
+    model = folder / lite0_bundle.name
     files = []
     for i in range(6):
         p = tmp_path / f"img{i}.png"
@@ -148,8 +152,8 @@ def test_predict_flags_review_below_the_bundle_threshold(tmp_path):
     rows = predict.predict(Bundle.load(model), files, workers=0)
     conf = sorted(r["confidence"] for r in rows)
     middle = (conf[2] + conf[3]) / 2
-    (tmp_path / "bundle.json").unlink()
-    export.write_bundle_manifest(tmp_path, review_threshold=middle, int8_fit=True)
+    export.write_bundle_manifest(folder, review_threshold=middle, int8_fit=True)
     flagged = predict.predict(Bundle.load(model), files, workers=0)
+    assert Bundle.load(model).review_threshold == middle
     assert sum(r["review"] for r in flagged) == 3
     assert all(r["review"] == (r["confidence"] < middle) for r in flagged)
