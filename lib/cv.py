@@ -151,6 +151,7 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
     per repeat (default: all splits are one repeat).
     """
     from lib import engine, recipes, shifts as shift_lib
+    from lib.calibration import probabilities
     from lib.preprocess import normalize
 
     n = len(classes)
@@ -187,9 +188,9 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
 
         logit = engine.logits(trained.model, normalize(gray[test]), device=device)
         pred = logit.argmax(1)
-        proba = np.exp(logit - logit.max(1, keepdims=True))
+        proba = probabilities(logit)
         oof.append(pd.DataFrame({"fold": f + 1, "index": test, "true": yt, "pred": pred,
-                                 **{c: p for c, p in zip(classes, (proba / proba.sum(1, keepdims=True)).T)}}))
+                                 **{c: p for c, p in zip(classes, proba.T)}}))
         dvc = defect_vs_clean(yt, pred, classes)
         rows.append({"fold": f + 1, "repeat": f // k + 1, "train images": len(tr), "test groups": len(test),
                      "macro recall": macro_recall(yt, pred, n), "accuracy": float((pred == yt).mean()),
