@@ -38,24 +38,55 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.1, 20.0)) -> fl
     return float(np.exp(res.x))
 
 
-def calibrate(logits: np.ndarray, y: np.ndarray, bounds=(0.1, 20.0)) -> dict:
-    """`fit_temperature` where the validation split can support it: {"temperature", "fitted", "reason"}.
+def temperature_interval(logits: np.ndarray, y: np.ndarray, groups=None, *, resamples: int = 400, level: float = 0.95,
+                         bounds=(0.1, 20.0), seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the fitted temperature, resampling whole groups (near-duplicate
+    copies of one original move together; each image is its own group when `groups` is None). A
+    resample with no image wrong has no finite fit and counts at the lower bound."""
+    logits, y = np.asarray(logits, np.float64), np.asarray(y)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    members = list(pd.Series(np.arange(len(y))).groupby(groups).apply(np.asarray))
+    rng = np.random.default_rng(seed)
+    fits = []
+    for _ in range(resamples):
+        pick = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        wrong = (logits[pick].argmax(1) != y[pick]).any()
+        fits.append(fit_temperature(logits[pick], y[pick], bounds) if wrong else bounds[0])
+    a = (1 - level) / 2
+    low, high = np.quantile(fits, [a, 1 - a])
+    return float(low), float(high)
 
-    With no validation images, or none wrong, the NLL keeps falling as T shrinks and the fit only
-    finds its bound: T stays 1 (uncalibrated) and `reason` says why. The same when the fit lands
-    on a bound."""
+
+def calibrate(logits: np.ndarray, y: np.ndarray, groups=None, *, bounds=(0.1, 20.0), resamples: int = 400,
+              seed: int = 0) -> dict:
+    """`fit_temperature` where the validation split can support it: {"temperature", "fitted", "reason",
+    "fitted_value", "interval"}.
+
+    T stays 1 (uncalibrated), and `reason` says why, when
+    - there are no validation images, or none wrong (the NLL keeps falling as T shrinks);
+    - the fit lands on a bound;
+    - the 95% bootstrap interval of the fit (`temperature_interval`, resampling `groups`, e.g. an
+      original and its augmented copies) contains 1: a split of a few dozen originals cannot tell
+      that temperature from no change, and applying it moved test ECE either way."""
     y = np.asarray(y)
+    none = {"temperature": 1.0, "fitted": False, "fitted_value": None, "interval": None}
     if len(y) == 0:
-        return {"temperature": 1.0, "fitted": False, "reason": "no validation images: confidences are not calibrated"}
+        return {**none, "reason": "no validation images: confidences are not calibrated"}
     if (np.asarray(logits).argmax(1) == y).all():
-        return {"temperature": 1.0, "fitted": False,
-                "reason": f"every one of the {len(y)} validation images is right, so the fit has nothing to learn "
-                          f"from (the NLL falls without limit as T shrinks): confidences are not calibrated"}
+        return {**none, "reason": f"every one of the {len(y)} validation images is right, so the fit has nothing to "
+                                  f"learn from (the NLL falls without limit as T shrinks): confidences are not calibrated"}
     t = fit_temperature(logits, y, bounds)
     if not bounds[0] * 1.02 < t < bounds[1] / 1.02:
-        return {"temperature": 1.0, "fitted": False,
+        return {**none, "fitted_value": t,
                 "reason": f"the fit reached its bound (T = {t:.3g}, bounds {bounds}): confidences are not calibrated"}
-    return {"temperature": t, "fitted": True, "reason": ""}
+    low, high = temperature_interval(logits, y, groups, resamples=resamples, bounds=bounds, seed=seed)
+    out = {"temperature": t, "fitted": True, "reason": "", "fitted_value": t, "interval": [low, high]}
+    if low <= 1.0 <= high:
+        n = len(y) if groups is None else len(np.unique(np.asarray(groups)))
+        out.update(temperature=1.0, fitted=False,
+                   reason=f"the validation split ({n} independent images or groups) cannot tell the fitted T = {t:.2f} "
+                          f"from 1 (95% bootstrap interval {low:.2f}-{high:.2f}): confidences are left as trained")
+    return out
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -45,6 +45,24 @@ def test_temperature_stays_1_when_validation_cannot_support_a_fit():
     assert fitted["fitted"] and fitted["temperature"] == pytest.approx(calibration.fit_temperature(logits, y))
 
 
+def test_temperature_is_applied_only_when_its_group_bootstrap_interval_excludes_1():
+    """Copies of one original move together in the bootstrap: 30 originals in 5 copies each cannot
+    support a temperature that 150 independent images would."""
+    logits, y = overconfident(n=30, temperature=1.3, seed=3)
+    copies, y5 = np.repeat(logits, 5, axis=0), np.repeat(y, 5)
+    groups = np.repeat(np.arange(30), 5)
+    grouped = calibration.calibrate(copies, y5, groups)
+    low, high = grouped["interval"]
+    assert low <= 1.0 <= high and grouped["temperature"] == 1.0 and not grouped["fitted"]
+    assert grouped["fitted_value"] == pytest.approx(calibration.fit_temperature(copies, y5))
+    assert "30 independent" in grouped["reason"] and "cannot tell" in grouped["reason"]
+    as_if_independent = calibration.temperature_interval(copies, y5)
+    assert as_if_independent[1] - as_if_independent[0] < 0.6 * (high - low)  # copies would fake precision
+    logits, y = overconfident(n=600, temperature=2.5)
+    strong = calibration.calibrate(logits, y, np.arange(600))
+    assert strong["fitted"] and strong["interval"][0] > 1.0 and strong["temperature"] == strong["fitted_value"]
+
+
 def test_reliability_bins_count_every_image_once():
     prob = softmax(np.random.default_rng(1).normal(0, 2, (500, 3)), axis=1)
     y = np.random.default_rng(2).integers(0, 3, 500)
