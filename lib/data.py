@@ -258,7 +258,7 @@ def prepare(P: dict) -> dict:
 
     data_dir set: your folder, checked to exist and never written to. data_dir empty: the
     embedded synthetic dataset, rendered into synthetic_dir when that folder does not hold
-    a rendering with the same settings. Rendering goes through `lib.io.replace_folder`: it
+    a rendering with the same settings by the same generator code. Rendering goes through `lib.io.replace_folder`: it
     never touches a folder the project did not create (lib.io.OwnershipError names it).
     """
     import time
@@ -273,7 +273,8 @@ def prepare(P: dict) -> dict:
 
         settings = {"seed": P["seed"], "n_per_class": P["synthetic_per_class"], "size": P["synthetic_size"],
                     "classes": list(P["classes"]), "plant_copies": P["synthetic_plant_copies"],
-                    "min_visibility": P["synthetic_min_visibility"], "subtle_share": P["synthetic_subtle_share"]}
+                    "min_visibility": P["synthetic_min_visibility"], "subtle_share": P["synthetic_subtle_share"],
+                    "generator": synthetic.source_hash()}  # changed generator code renders anew
         current = io.marker(root) or {}
         if current.get("what") != synthetic.WHAT or current.get("settings") != settings:
             t = time.perf_counter()

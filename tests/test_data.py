@@ -48,3 +48,21 @@ def test_label_order_is_label_encoder_order():
     assert data.label_order(classes) == list(LabelEncoder().fit(classes).classes_)
     with pytest.raises(DataError, match="duplicate"):
         data.label_order(["a", "a"])
+
+
+def test_the_embedded_set_renders_anew_when_the_generator_code_changes(tmp_path, monkeypatch):
+    """Same settings, other generator code: the rendering is stale and is replaced; same code: kept."""
+    from lib import params, synthetic
+
+    P = {**params.read_file(params.BASE), "synthetic_dir": str(tmp_path / "syn"), "synthetic_per_class": 1,
+         "synthetic_size": 48, "synthetic_plant_copies": 0, "classes": ["clean", "vias"]}
+    from lib import io
+
+    data.prepare(P)
+    made = io.marker(tmp_path / "syn")
+    assert made["settings"]["generator"] == synthetic.source_hash()
+    data.prepare(P)
+    assert io.marker(tmp_path / "syn") == made  # same code and settings: kept
+    monkeypatch.setattr(synthetic, "source_hash", lambda: "0" * 16)
+    data.prepare(P)
+    assert io.marker(tmp_path / "syn")["settings"]["generator"] == "0" * 16  # rendered anew
