@@ -143,9 +143,24 @@ class FitResult:
     last: nn.Module | None = None  # the model after the last epoch (the EMA when ema_decay > 0)
 
 
+def _rng_states(loader) -> dict:
+    gen = getattr(loader, "generator", None)
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "loader": gen.get_state() if gen is not None else None}
+
+
+def _set_rng_states(states: dict, loader) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["loader"] is not None and getattr(loader, "generator", None) is not None:
+        loader.generator.set_state(states["loader"])
+
+
 def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: float, weight_decay: float,
         warmup_epochs: float, patience: int, device, criterion, on_best, progress: bool = True,
-        body_lr_mult: float = 1.0, frozen=(), ema_decay: float = 0.0) -> FitResult:
+        body_lr_mult: float = 1.0, frozen=(), ema_decay: float = 0.0, resume=None, resume_key: str = "",
+        after_epoch=None) -> FitResult:
     """AdamW + warm-up/cosine; early stopping on validation macro recall.
 
     `on_best(model, epoch, val_metrics)` is called whenever validation macro recall improves
@@ -156,6 +171,15 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     head at `lr`; `frozen` blocks (see `freeze`) get no updates and keep BatchNorm in eval
     mode; `ema_decay` > 0 keeps an exponential moving average of the weights (and BatchNorm
     buffers), which is what gets evaluated and handed to `on_best`.
+
+    Resume: with `resume` (a file path), the whole training state is written there atomically after
+    every epoch: model, optimizer, scheduler, EMA, the Python / numpy / torch / loader RNG states,
+    early-stopping state, history and the best model so far. When the file exists at the start and
+    carries the same `resume_key` (the caller's fingerprint of parameters and data), training
+    continues after its epoch, `on_best` is first handed the best model saved there, and the result
+    matches an uninterrupted run. A file with another key is ignored (and overwritten). The caller
+    removes it once its own artifacts are written. `after_epoch(epoch)` runs after each epoch's
+    state is saved.
     """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -178,11 +202,31 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     since_best = 0
     start = time.perf_counter()
     bar = None
+    first, best_state = 1, None
+    state = _read_state(resume, resume_key)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        best_key, since_best, best_state = tuple(state["best_key"]), state["since_best"], state["best_state"]
+        result.history, result.best_epoch = state["history"], state["best_epoch"]
+        result.best_val_macro_recall = state["best_val_macro_recall"]
+        start -= state["seconds"]
+        first = state["epoch"] + 1
+        _set_rng_states(state["rng"], train_loader)
+        if best_state is not None:
+            import copy
+
+            best = copy.deepcopy(scored())
+            best.load_state_dict(best_state["model"])
+            on_best(best, result.best_epoch, best_state["val"])
     if progress:
         from tqdm import tqdm  # plain text: reports render it without widgets
 
-        bar = tqdm(total=epochs, desc="epochs", unit="epoch")
-    for epoch in range(1, epochs + 1):
+        bar = tqdm(total=epochs, initial=first - 1, desc="epochs", unit="epoch")
+    for epoch in range(first, epochs + 1):
         tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, frozen=frozen, ema=ema)
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"]}
         if val_loader is not None:
@@ -195,15 +239,36 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
             bar.set_postfix(train_loss=f"{tr['loss']:.3f}",
                             **({"val_recall": f"{va['macro_recall']:.3f}"} if val_loader is not None else {}))
         if val_loader is None:
+            if resume is not None:
+                _write_state(resume, {"key": resume_key, "epoch": epoch, "model": model.state_dict(),
+                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                      "ema": ema.state_dict() if ema is not None else None, "best_key": best_key,
+                                      "since_best": since_best, "best_state": None, "history": result.history,
+                                      "best_epoch": -1, "best_val_macro_recall": -1.0,
+                                      "seconds": time.perf_counter() - start, "rng": _rng_states(train_loader)})
+            if after_epoch is not None:
+                after_epoch(epoch)
             continue
         key = (va["macro_recall"], -va["loss"])
         if key > best_key:
             best_key, since_best = key, 0
             result.best_epoch, result.best_val_macro_recall = epoch, va["macro_recall"]
             on_best(scored(), epoch, va)
+            if resume is not None:
+                best_state = {"model": {k: v.detach().clone() for k, v in scored().state_dict().items()}, "val": va}
         else:
             since_best += 1
-        if since_best >= patience:
+        stop = since_best >= patience
+        if resume is not None:
+            _write_state(resume, {"key": resume_key, "epoch": epoch, "model": model.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "ema": ema.state_dict() if ema is not None else None, "best_key": best_key,
+                                  "since_best": since_best, "best_state": best_state, "history": result.history,
+                                  "best_epoch": result.best_epoch, "best_val_macro_recall": result.best_val_macro_recall,
+                                  "seconds": time.perf_counter() - start, "rng": _rng_states(train_loader)})
+        if after_epoch is not None:
+            after_epoch(epoch)
+        if stop:
             result.stopped_early = True
             break
     if val_loader is None:
@@ -214,6 +279,26 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     result.seconds = time.perf_counter() - start
     result.last = scored()
     return result
+
+
+def _read_state(path, key: str) -> dict | None:
+    """The training state `fit` saved at `path`, or None when there is none or it is another run's."""
+    from pathlib import Path
+
+    if path is None or not Path(path).is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state if state.get("key") == key else None
+
+
+def _write_state(path, state: dict) -> None:
+    from pathlib import Path
+
+    from lib.io import atomic_path, make_parents
+
+    make_parents(Path(path))
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 @torch.inference_mode()

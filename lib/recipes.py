@@ -177,7 +177,7 @@ def prepare(P: dict, n_classes: int, *, build_dir="build") -> Trained:
 
 def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, generator, on_best=None,
                  progress: bool = True, build_dir="build", prepared: Trained | None = None,
-                 features: dict | None = None) -> Trained:
+                 features: dict | None = None, resume=None, resume_key: str = "", after_epoch=None) -> Trained:
     """Train the model `prepare` gives (or `prepared`) by its recipe.
 
     gray / y: {"train": ..., "val": ...} cached grayscale images and labels; "val" may be
@@ -190,6 +190,8 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
     `features` ({"train": ..., "val": ...}) are the pooled features of the same images under
     the initial weights, when the caller already has them (cross-validation reuses them
     across folds); otherwise the probe computes them.
+    `resume` / `resume_key` / `after_epoch`: the epoch-level training state (see `fit`); the
+    probe and the trunk cache are recomputed on a resume (deterministic from the seed).
     """
     from lib.metrics import macro_recall
 
@@ -241,7 +243,7 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
                   weight_decay=P["weight_decay"], warmup_epochs=P["warmup_epochs"], patience=P["patience"],
                   device=device, criterion=criterion, on_best=best, progress=progress,
                   body_lr_mult=P["body_lr_mult"] if out.recipe in ("lpft", "partial") else 1.0, frozen=frozen,
-                  ema_decay=P["ema_decay"])
+                  ema_decay=P["ema_decay"], resume=resume, resume_key=resume_key, after_epoch=after_epoch)
     out.model = out.fit.last.net if top is not None else out.fit.last
     return out
 
@@ -282,10 +284,11 @@ def data_table(y: dict, labels: list[str], P: dict):
 
 
 def train_and_checkpoint(P: dict, parts: dict, labels: list[str], prepared: Trained, checkpoint, *, device,
-                         generator, build_dir) -> tuple[Trained, float]:
+                         generator, build_dir, resume=None, resume_key: str = "") -> tuple[Trained, float]:
     """Train by the recipe on the decoded train / val parts (`lib.data.Part`), writing every new best
     model to `checkpoint` with its class list, parameters, weights source and recipe. Returns
-    (the trained result, wall seconds)."""
+    (the trained result, wall seconds). With `resume`, a killed training rerun with the same
+    `resume_key` continues from its last epoch (see `lib.engine.fit`)."""
     import time
 
     from lib import model as net
@@ -299,8 +302,19 @@ def train_and_checkpoint(P: dict, parts: dict, labels: list[str], prepared: Trai
     started = time.perf_counter()
     trained = train_recipe(P, {s: parts[s].gray for s in parts}, {s: parts[s].y for s in parts}, len(labels),
                            device=device, generator=generator, on_best=save_best, build_dir=build_dir,
-                           prepared=prepared)
+                           prepared=prepared, resume=resume, resume_key=resume_key)
     return trained, time.perf_counter() - started
+
+
+def resume_key(P: dict, build_dir) -> str:
+    """What a saved training state must match to be resumed: the stage's parameters and the split."""
+    import hashlib
+    from pathlib import Path
+
+    from lib import io
+
+    split = io.file_digest(Path(build_dir) / "split" / "split.csv")
+    return hashlib.sha256((io.dumps(P) + split).encode()).hexdigest()
 
 
 def history(trained: Trained, seconds: float):

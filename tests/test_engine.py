@@ -42,3 +42,68 @@ def test_curves_are_read_for_over_fitting_and_a_probe_has_none():
                           "val_accuracy": [0.8]})
     notes = engine.read_curves(probe, test_accuracy=0.7, best_val_macro_recall=0.75)
     assert "No training curves to read" in notes[0] and "Test accuracy 0.700" in notes[-1]
+
+
+class _Tiny(nn.Module):
+    """features / classifier like the real networks, with BatchNorm and dropout (RNG and buffers matter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 3))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def _train(resume=None, key="run", kill_after=None, epochs=6):
+    """A deterministic fit with augmentation noise, dropout and EMA; `kill_after` stops the process's
+    training right after that epoch's state is saved, as a kill would."""
+    g = engine.seed_everything(0)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 8)
+    gray = rng.random((24, 1, 32, 32), dtype=np.float32) * 0.3
+    for c in range(3):
+        gray[y == c, :, :, c * 10: c * 10 + 8] += 0.5
+    model = _Tiny()
+    noisy = engine.GrayDataset(gray, y, transform=lambda x: (x + 0.05 * torch.randn_like(x)).clamp(0, 1))
+    train = engine.make_loader(noisy, batch_size=8, train=True, generator=g)
+    val = engine.make_loader(engine.GrayDataset(gray, y), batch_size=24, train=False, generator=g)
+    bests = []
+
+    def after(epoch):
+        if epoch == kill_after:
+            raise KeyboardInterrupt
+
+    res = engine.fit(model, train, val, n_classes=3, epochs=epochs, lr=3e-3, weight_decay=0.01, warmup_epochs=1,
+                     patience=10, device="cpu", criterion=nn.CrossEntropyLoss(label_smoothing=0.1),
+                     on_best=lambda m, e, v: bests.append((e, {k: t.clone() for k, t in m.state_dict().items()})),
+                     progress=False, ema_decay=0.9, resume=resume, resume_key=key, after_epoch=after)
+    return res, bests
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_training_resumes_from_its_last_epoch_and_matches_an_uninterrupted_one(tmp_path):
+    full, full_bests = _train()
+    state = tmp_path / "build" / "train.resume.pt"
+    try:
+        _train(resume=state, kill_after=3)
+        raise AssertionError("the kill did not happen")
+    except KeyboardInterrupt:
+        pass
+    assert state.is_file() and torch.load(state, weights_only=False)["epoch"] == 3
+    resumed, resumed_bests = _train(resume=state)
+    assert len(resumed.history) == len(full.history) == 6
+    drop = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert drop(resumed.history) == drop(full.history)
+    assert (resumed.best_epoch, resumed.best_val_macro_recall) == (full.best_epoch, full.best_val_macro_recall)
+    assert _same(resumed.last.state_dict(), full.last.state_dict())  # the EMA weights, bit for bit
+    assert resumed_bests[0][0] <= 3 and _same(resumed_bests[-1][1], full_bests[-1][1])  # best re-handed, then same
+    # a state saved by another run (other parameters or data) is not resumed from
+    assert torch.load(state, weights_only=False)["epoch"] == 6
+    other, _ = _train(resume=state, key="another run")
+    assert drop(other.history) == drop(full.history) and _same(other.last.state_dict(), full.last.state_dict())

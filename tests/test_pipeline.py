@@ -33,6 +33,8 @@ def test_evaluation_report_holds_recall_table_and_confusion_matrix(smoke_run):
     assert [r["figure"] for r in metrics["intervals"]] == ["accuracy", "macro recall", "miss rate", "false-alarm rate"]
     assert metrics["intervals"][0]["value"] == pytest.approx(metrics["accuracy"])
     assert set(metrics["ece"]) == {"before", "after"} and metrics["temperature"] > 0
+    fit = metrics["temperature_fit"]  # the temperature is applied only where its interval excludes 1
+    assert metrics["temperature_fitted"] == (fit["interval"] is not None and not fit["interval"][0] <= 1 <= fit["interval"][1])
 
 
 def test_training_loss_fell_and_weights_are_named(smoke_run):
@@ -40,6 +42,7 @@ def test_training_loss_fell_and_weights_are_named(smoke_run):
     assert summary["last_train_loss"] < summary["first_train_loss"]
     assert summary["weights"]["source"] == "none"
     assert "Weights used" in (smoke_run[0] / "reports" / "03_training.html").read_text()
+    assert not (smoke_run[0] / "build" / "train.resume.pt").exists()  # the stage completed: nothing to resume
 
 
 def test_onnx_parity_held(smoke_run):
