@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.synthetic.geometry import CLASSES, _Canvas, _check_class, image_seed
+from lib.synthetic.geometry import _F32, CLASSES, _Canvas, _check_class, image_seed
 from lib.synthetic.scene import _build_scene
 from lib.synthetic.imaging import _draw_imaging, _form_image, _record, _signal, visibility
 
@@ -47,8 +47,11 @@ def render_image(seed: int, cls: str, index: int, *, size: int = 224, min_visibi
     A review image exists because an inspection tool found a defect there, so a defect image shows
     its defect: its visibility (`imaging.visibility`, the contrast-to-noise ratio of the defect's own
     mask) must reach `min_visibility`, or two thirds of it for a `subtle_share` of images; the defect is
-    redrawn (new geometry and contrast, same layout and imaging) until it does, keeping the most
-    visible draw when none does. The noise is never changed for this: it would tell classes apart.
+    redrawn (new geometry and contrast, same layout and imaging) until it does. When none of
+    `_VISIBILITY_TRIES` draws does, the most visible one's own signal (its difference from the same
+    image without the defect) is scaled up until it reaches the floor: a deeper groove, a denser
+    residue; the rest of the image is untouched. The noise is never changed for this: it would tell
+    classes apart.
     """
     _check_class(cls)
     size = int(size)
@@ -64,7 +67,7 @@ def render_image(seed: int, cls: str, index: int, *, size: int = 224, min_visibi
         geo: dict = {}
         img = _form_image(_build_scene(cv, cls, r_lay, r_def, geo), ip, r_noise)
         vis: dict = {"visibility": None, "defect_area_px": 0, "subtle": False,
-                     "visibility_draws": 0}
+                     "visibility_draws": 0, "contrast_gain": None}
     else:
         subtle = bool(r_vis.random() < subtle_share)
         floor = min_visibility * (SUBTLE_FLOOR if subtle else 1.0)
@@ -83,8 +86,14 @@ def render_image(seed: int, cls: str, index: int, *, size: int = 224, min_visibi
             if v["visibility"] >= floor:
                 break
         v, geo, Y, rn, _ = best
+        gain = 1.0
+        if 0 < v["visibility"] < floor:  # no draw reached the floor: the defect's own contrast is raised to it
+            gain = floor / v["visibility"] * (1 + 1e-4)  # the margin survives float32 rounding
+            Y = reference + _F32(gain) * (Y - reference)
+            v = visibility(Y, reference, ip)
         img = _record(Y, ip, rn)
-        vis = {**v, "subtle": subtle, "visibility_draws": draw + 1}  # draws made (the most visible is kept)
+        # draws made (the most visible is kept) and the contrast gain it then needed (1 when none)
+        vis = {**v, "subtle": subtle, "visibility_draws": draw + 1, "contrast_gain": gain}
     params.update(geo)
     params.update(vis)
     params.update({k: v for k, v in ip.items() if not k.startswith("_")})
@@ -190,12 +199,13 @@ def render_dataset(out_dir, *, n_per_class: int | dict = 150, seed: int = 0, siz
 
 def visibility_summary(manifest, floor: float):
     """Per defect class, from a rendering's manifest: the defects' visibility (median, 10th
-    percentile), the share below the floor, the share held only to the subtle floor, and how many
-    draws the floor took on average."""
+    percentile), the share below the floor, the share held only to the subtle floor, how many
+    draws the floor took on average, and the share whose contrast had to be raised to it."""
     import pandas as pd
 
     defects = manifest[manifest["class"] != "clean"]
     g = defects.groupby("class")
     return pd.DataFrame({"median visibility": g["visibility"].median(), "10th percentile": g["visibility"].quantile(0.1),
                          "below the floor": g["visibility"].apply(lambda v: float((v < floor).mean())),
-                         "subtle (two-thirds floor)": g["subtle"].mean(), "draws": g["visibility_draws"].mean()}).round(2)
+                         "subtle (two-thirds floor)": g["subtle"].mean(), "draws": g["visibility_draws"].mean(),
+                         "contrast raised": g["contrast_gain"].apply(lambda v: float((v > 1).mean()))}).round(2)
