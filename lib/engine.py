@@ -111,7 +111,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, prog
         if progress is not None:
             progress.update(len(y))
             progress.set_postfix(loss=f"{total_loss / seen:.3f}")
-    return {"loss": total_loss / seen, "accuracy": correct / seen}
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "loss_sum": total_loss, "correct": correct,
+            "seen": seen}
 
 
 @torch.inference_mode()
@@ -125,8 +126,14 @@ def predict(model, loader, device) -> tuple[np.ndarray, np.ndarray]:
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate(model, loader, criterion, device, n_classes: int) -> dict:
+def evaluate(model, loader, criterion, device, n_classes: int, dist=None) -> dict:
+    """Loss, accuracy and macro recall over a loader; with `dist`, over every rank's shard together."""
     logits, labels = predict(model, loader, device)
+    if dist is not None:
+        from lib.distributed import gather
+
+        shards = gather((logits, labels))
+        logits, labels = np.concatenate([a for a, _ in shards]), np.concatenate([b for _, b in shards])
     loss = criterion(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     pred = logits.argmax(1)
     return {"loss": loss, "accuracy": float((pred == labels).mean()),
@@ -160,7 +167,7 @@ def _set_rng_states(states: dict, loader) -> None:
 def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: float, weight_decay: float,
         warmup_epochs: float, patience: int, device, criterion, on_best, progress: bool = True,
         body_lr_mult: float = 1.0, frozen=(), ema_decay: float = 0.0, resume=None, resume_key: str = "",
-        after_epoch=None) -> FitResult:
+        after_epoch=None, dist=None) -> FitResult:
     """AdamW + warm-up/cosine; early stopping on validation macro recall.
 
     `on_best(model, epoch, val_metrics)` is called whenever validation macro recall improves
@@ -180,6 +187,12 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     matches an uninterrupted run. A file with another key is ignored (and overwritten). The caller
     removes it once its own artifacts are written. `after_epoch(epoch)` runs after each epoch's
     state is saved.
+
+    Several processes (`dist`, a `lib.distributed.Dist` under torchrun): the model is wrapped in
+    DistributedDataParallel, the loaders are this rank's share (`lib.distributed.sampler` / `shard`),
+    training and validation figures are gathered over all ranks (so early stopping decides alike
+    everywhere), and only rank 0 calls `on_best` and writes the resume state (with every rank's RNG
+    states).
     """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -192,6 +205,19 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     steps = epochs * len(train_loader)
     scheduler = warmup_cosine(optimizer, warmup_steps=max(1, int(warmup_epochs * len(train_loader))),
                               total_steps=steps)
+    forward = model
+    if dist is not None:
+        from lib.distributed import wrap
+
+        forward = wrap(model, dist, device)
+    main = dist is None or dist.main
+    rank = 0 if dist is None else dist.rank
+    if dist is not None:
+        from lib.distributed import gather
+
+    def rngs() -> list:  # every rank's RNG states, in rank order (gathered: all ranks must call it)
+        return [_rng_states(train_loader)] if dist is None else gather(_rng_states(train_loader))
+
     ema = None
     if ema_decay > 0:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
@@ -215,22 +241,27 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
         result.best_val_macro_recall = state["best_val_macro_recall"]
         start -= state["seconds"]
         first = state["epoch"] + 1
-        _set_rng_states(state["rng"], train_loader)
-        if best_state is not None:
+        _set_rng_states(state["rng"][rank], train_loader)
+        if best_state is not None and main:
             import copy
 
             best = copy.deepcopy(scored())
             best.load_state_dict(best_state["model"])
             on_best(best, result.best_epoch, best_state["val"])
-    if progress:
+    if progress and main:
         from tqdm import tqdm  # plain text: reports render it without widgets
 
         bar = tqdm(total=epochs, initial=first - 1, desc="epochs", unit="epoch")
     for epoch in range(first, epochs + 1):
-        tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, frozen=frozen, ema=ema)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)  # DistributedSampler: this epoch's permutation
+        tr = train_one_epoch(forward, train_loader, criterion, optimizer, scheduler, device, frozen=frozen, ema=ema)
+        if dist is not None:
+            sums = [sum(t[k] for t in gather(tr)) for k in ("loss_sum", "correct", "seen")]
+            tr = {"loss": sums[0] / sums[2], "accuracy": sums[1] / sums[2]}
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"]}
         if val_loader is not None:
-            va = evaluate(scored(), val_loader, eval_criterion, device, n_classes)
+            va = evaluate(scored(), val_loader, eval_criterion, device, n_classes, dist=dist)
             row |= {"val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_recall": va["macro_recall"]}
         row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         result.history.append(row)
@@ -245,7 +276,7 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
                                       "ema": ema.state_dict() if ema is not None else None, "best_key": best_key,
                                       "since_best": since_best, "best_state": None, "history": result.history,
                                       "best_epoch": -1, "best_val_macro_recall": -1.0,
-                                      "seconds": time.perf_counter() - start, "rng": _rng_states(train_loader)})
+                                      "seconds": time.perf_counter() - start, "rng": rngs()}, main)
             if after_epoch is not None:
                 after_epoch(epoch)
             continue
@@ -253,8 +284,9 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
         if key > best_key:
             best_key, since_best = key, 0
             result.best_epoch, result.best_val_macro_recall = epoch, va["macro_recall"]
-            on_best(scored(), epoch, va)
-            if resume is not None:
+            if main:
+                on_best(scored(), epoch, va)
+            if resume is not None and main:
                 best_state = {"model": {k: v.detach().clone() for k, v in scored().state_dict().items()}, "val": va}
         else:
             since_best += 1
@@ -265,7 +297,7 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
                                   "ema": ema.state_dict() if ema is not None else None, "best_key": best_key,
                                   "since_best": since_best, "best_state": best_state, "history": result.history,
                                   "best_epoch": result.best_epoch, "best_val_macro_recall": result.best_val_macro_recall,
-                                  "seconds": time.perf_counter() - start, "rng": _rng_states(train_loader)})
+                                  "seconds": time.perf_counter() - start, "rng": rngs()}, main)
         if after_epoch is not None:
             after_epoch(epoch)
         if stop:
@@ -273,7 +305,8 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
             break
     if val_loader is None:
         result.best_epoch = len(result.history)
-        on_best(scored(), result.best_epoch, None)
+        if main:
+            on_best(scored(), result.best_epoch, None)
     if bar is not None:
         bar.close()
     result.seconds = time.perf_counter() - start
@@ -291,7 +324,9 @@ def _read_state(path, key: str) -> dict | None:
     return state if state.get("key") == key else None
 
 
-def _write_state(path, state: dict) -> None:
+def _write_state(path, state: dict, write: bool = True) -> None:
+    if not write:  # another rank than 0: it took part in gathering the RNG states, rank 0 writes
+        return
     from pathlib import Path
 
     from lib.io import atomic_path, make_parents

@@ -129,6 +129,11 @@ SCHEMA: dict[str, Param] = {
                             "pixel (0 = off)"),
     "device": Param(str, "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
     "deterministic": Param(bool, "seed everything and use deterministic algorithms"),
+    "nproc_per_node": Param(int, "training processes under torchrun (DistributedDataParallel; gloo on CPU, nccl on "
+                                 "CUDA); each takes batch_size / nproc_per_node images of every batch. 1: one process, "
+                                 "no torchrun"),
+    "sync_bn": Param(bool, "with nproc_per_node > 1 on CUDA: synchronise BatchNorm statistics across processes "
+                           "(SyncBatchNorm has no CPU kernel)"),
     "pretrain_per_class": Param(int, "weights synthetic: synthetic images per class rendered for pretraining"),
     "pretrain_epochs": Param(int, "weights synthetic: epochs of pretraining on them"),
     # 04_evaluation

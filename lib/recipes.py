@@ -177,7 +177,8 @@ def prepare(P: dict, n_classes: int, *, build_dir="build") -> Trained:
 
 def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, generator, on_best=None,
                  progress: bool = True, build_dir="build", prepared: Trained | None = None,
-                 features: dict | None = None, resume=None, resume_key: str = "", after_epoch=None) -> Trained:
+                 features: dict | None = None, resume=None, resume_key: str = "", after_epoch=None,
+                 dist=None) -> Trained:
     """Train the model `prepare` gives (or `prepared`) by its recipe.
 
     gray / y: {"train": ..., "val": ...} cached grayscale images and labels; "val" may be
@@ -192,6 +193,8 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
     across folds); otherwise the probe computes them.
     `resume` / `resume_key` / `after_epoch`: the epoch-level training state (see `fit`); the
     probe and the trunk cache are recomputed on a resume (deterministic from the seed).
+    `dist` (`lib.distributed.Dist`, under torchrun): every rank computes the probe and the trunk
+    cache; each trains on its share of every batch (batch_size / world images).
     """
     from lib.metrics import macro_recall
 
@@ -236,16 +239,37 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
         frozen = freeze(model, P["freeze_blocks"]) if P["freeze_blocks"] > 0 else []
         train_set = GrayDataset(gray["train"], y["train"], augmentation(P))
         val_set = GrayDataset(gray["val"], y["val"]) if has_val else None
-    train_loader = make_loader(train_set, batch_size=P["batch_size"], train=True, generator=generator,
-                               balanced=P["weighted_sampler"])
-    val_loader = make_loader(val_set, batch_size=64, train=False, generator=generator) if has_val else None
+    if dist is None:
+        train_loader = make_loader(train_set, batch_size=P["batch_size"], train=True, generator=generator,
+                                   balanced=P["weighted_sampler"])
+        val_loader = make_loader(val_set, batch_size=64, train=False, generator=generator) if has_val else None
+    else:
+        train_loader, val_loader = _distributed_loaders(P, train_set, val_set, dist)
     out.fit = fit(fitted, train_loader, val_loader, n_classes=n_classes, epochs=P["epochs"], lr=P["lr"],
                   weight_decay=P["weight_decay"], warmup_epochs=P["warmup_epochs"], patience=P["patience"],
                   device=device, criterion=criterion, on_best=best, progress=progress,
                   body_lr_mult=P["body_lr_mult"] if out.recipe in ("lpft", "partial") else 1.0, frozen=frozen,
-                  ema_decay=P["ema_decay"], resume=resume, resume_key=resume_key, after_epoch=after_epoch)
+                  ema_decay=P["ema_decay"], resume=resume, resume_key=resume_key, after_epoch=after_epoch,
+                  dist=dist)
     out.model = out.fit.last.net if top is not None else out.fit.last
     return out
+
+
+def _distributed_loaders(P: dict, train_set, val_set, dist):
+    """This rank's loaders: batch_size / world images of each global batch, a shard of validation."""
+    from torch.utils.data import DataLoader
+
+    from lib import distributed
+
+    if P["batch_size"] % dist.world:
+        raise ValueError(f"batch_size ({P['batch_size']}) must be a multiple of nproc_per_node ({dist.world}): "
+                         f"each process takes an equal share of every batch")
+    if P["weighted_sampler"]:
+        raise ValueError("weighted_sampler is not available with nproc_per_node > 1 (use class_weights)")
+    train = DataLoader(train_set, batch_size=P["batch_size"] // dist.world, drop_last=True,
+                       sampler=distributed.sampler(train_set, dist))
+    val = DataLoader(distributed.shard(val_set, dist), batch_size=64) if val_set is not None else None
+    return train, val
 
 
 @torch.inference_mode()
@@ -291,6 +315,21 @@ def train_and_checkpoint(P: dict, parts: dict, labels: list[str], prepared: Trai
     `resume_key` continues from its last epoch (see `lib.engine.fit`)."""
     import time
 
+    if P.get("nproc_per_node", 1) < 1:
+        raise ValueError(f"parameter 'nproc_per_node' must be at least 1, got {P['nproc_per_node']}")
+    if P.get("nproc_per_node", 1) > 1:
+        return _launch(P, labels, prepared, checkpoint, device=device, build_dir=build_dir, resume=resume,
+                       resume_key=resume_key)
+    started = time.perf_counter()
+    trained = train_recipe(P, {s: parts[s].gray for s in parts}, {s: parts[s].y for s in parts}, len(labels),
+                           device=device, generator=generator,
+                           on_best=checkpoint_writer(P, labels, prepared, checkpoint), build_dir=build_dir,
+                           prepared=prepared, resume=resume, resume_key=resume_key)
+    return trained, time.perf_counter() - started
+
+
+def checkpoint_writer(P: dict, labels: list[str], prepared: Trained, checkpoint):
+    """The `on_best` that writes each new best model with its class list, parameters, weights and recipe."""
     from lib import model as net
 
     def save_best(m, epoch, val):
@@ -299,11 +338,25 @@ def train_and_checkpoint(P: dict, parts: dict, labels: list[str], prepared: Trai
                             recipe=prepared.recipe, epoch=epoch, val_macro_recall=val.get("macro_recall"),
                             val_loss=val.get("loss"))
 
-    started = time.perf_counter()
-    trained = train_recipe(P, {s: parts[s].gray for s in parts}, {s: parts[s].y for s in parts}, len(labels),
-                           device=device, generator=generator, on_best=save_best, build_dir=build_dir,
-                           prepared=prepared, resume=resume, resume_key=resume_key)
-    return trained, time.perf_counter() - started
+    return save_best
+
+
+def _launch(P: dict, labels: list[str], prepared: Trained, checkpoint, *, device, build_dir, resume,
+            resume_key) -> tuple[Trained, float]:
+    """Training under torchrun (`lib.distributed.run`), read back as one process's result: the best
+    checkpoint rank 0 wrote, its history and probe."""
+    from pathlib import Path
+
+    from lib import distributed, model as net
+
+    res = distributed.run(P, build_dir, Path(checkpoint).parent, resume=resume, resume_key=resume_key)
+    model, _ = net.load_checkpoint(checkpoint, device)
+    out = Trained(model=model, weights=res["weights"], recipe=res["recipe"], probe=res["probe"], notes=res["notes"])
+    if res["fit"] is not None:
+        out.fit = FitResult(**res["fit"], last=model)
+    out.notes.append(f"Trained by {res['world']} processes under torchrun (DistributedDataParallel); the model "
+                     f"shown is the best checkpoint rank 0 wrote.")
+    return out, res["seconds"]
 
 
 def resume_key(P: dict, build_dir) -> str:
