@@ -2,7 +2,7 @@
 
 Tiers, as pytest markers: `unit` (lib functions on tiny inputs, seconds), `data` (datasets,
 the generator and the leakage audit: no content shared across splits) and `e2e` (the pipeline
-through make and papermill, minutes). `make test` runs all three, `make test-unit` the first.
+through make and papermill, and training under torchrun: minutes). `make test` runs all three, `make test-unit` the first.
 A test module's tier is set below unless the test marks itself.
 """
 
@@ -93,7 +93,7 @@ def smoke_run(tmp_path_factory):
     return tmp, args, first, second
 
 
-E2E_MODULES = {"test_pipeline", "test_routes", "test_notebooks", "test_reports"}
+E2E_MODULES = {"test_pipeline", "test_routes", "test_notebooks", "test_reports", "test_distributed"}
 DATA_MODULES = {"test_leakage", "test_synthetic", "test_plant", "test_data", "test_quality", "test_cv"}
 
 
