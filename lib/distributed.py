@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"recipe": trained.recipe, "weights": trained.weights, "probe": trained.probe,
                         "notes": trained.notes, "seconds": time.perf_counter() - started, "world": dist.world,
                         "fit": None if fit is None else {k: getattr(fit, k) for k in (
-                            "history", "best_epoch", "best_val_macro_recall", "stopped_early", "seconds")}}, tmp)
+                            "history", "best_epoch", "best_val_macro_recall", "stopped_early", "seconds", "precision",
+                            "images_per_second")}}, tmp)
     td.barrier()
     td.destroy_process_group()
     return 0

@@ -29,7 +29,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = not deterministic  # CUDA: autotuned kernels, unless runs must repeat
     g = torch.Generator()
     g.manual_seed(seed)
     return g
@@ -60,8 +60,34 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
+def precision_for(device, name: str = "auto") -> str:
+    """The training precision: fp32 on CPU (no VNNI / AMX here, so bf16 buys little); on CUDA, bf16
+    where the GPU supports it, else fp16 (with a gradient scaler)."""
+    if name != "auto":
+        return name
+    if str(device).startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device, precision: str):
+    """The autocast context of a precision (a no-op for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def loader_workers(device) -> dict:
+    """DataLoader settings: on CUDA, worker processes and pinned memory keep the GPU fed; on CPU the
+    main process decodes nothing (images are cached arrays), so workers would only compete for cores."""
+    if str(device).startswith("cuda"):
+        import os
+
+        return {"num_workers": min(4, os.cpu_count() or 1), "pin_memory": True, "persistent_workers": True}
+    return {"num_workers": 0}
+
+
 def make_loader(ds: Dataset, *, batch_size: int, train: bool, generator: torch.Generator,
-                balanced: bool = False) -> DataLoader:
+                balanced: bool = False, device="cpu") -> DataLoader:
     sampler = None
     if train and balanced:
         labels = ds.labels.numpy()
@@ -69,7 +95,7 @@ def make_loader(ds: Dataset, *, batch_size: int, train: bool, generator: torch.G
         sampler = WeightedRandomSampler(torch.as_tensor(w), num_samples=len(labels), replacement=True,
                                         generator=generator)
     return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      generator=generator, drop_last=train and len(ds) > batch_size, num_workers=0)
+                      generator=generator, drop_last=train and len(ds) > batch_size, **loader_workers(device))
 
 
 def warmup_cosine(optimizer, *, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -92,16 +118,27 @@ def train_mode(model: nn.Module, frozen=()) -> None:
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, progress=None, frozen=(),
-                    ema=None) -> dict:
+                    ema=None, precision: str = "fp32", scaler=None) -> dict:
+    """One pass over the loader; `precision` bf16 / fp16 runs the forward pass under autocast (fp16
+    with `scaler`, a torch.amp.GradScaler). Returns mean loss and accuracy, their sums, the images
+    seen and the seconds taken."""
     train_mode(model, frozen)
     total_loss, correct, seen = 0.0, 0, 0
+    started = time.perf_counter()
     for x, y in loader:
-        x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
-        logits = model(x)
-        loss = criterion(logits, y)
+        x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(x)
+        loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
@@ -112,23 +149,24 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, prog
             progress.update(len(y))
             progress.set_postfix(loss=f"{total_loss / seen:.3f}")
     return {"loss": total_loss / seen, "accuracy": correct / seen, "loss_sum": total_loss, "correct": correct,
-            "seen": seen}
+            "seen": seen, "seconds": time.perf_counter() - started}
 
 
 @torch.inference_mode()
-def predict(model, loader, device) -> tuple[np.ndarray, np.ndarray]:
+def predict(model, loader, device, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, C], labels [N]) over a loader, in order."""
     model.eval()
     logits, labels = [], []
     for x, y in loader:
-        logits.append(model(x.to(device, memory_format=torch.channels_last)).float().cpu())
+        with autocast(device, precision):
+            logits.append(model(x.to(device, memory_format=torch.channels_last)).float().cpu())
         labels.append(y)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate(model, loader, criterion, device, n_classes: int, dist=None) -> dict:
+def evaluate(model, loader, criterion, device, n_classes: int, dist=None, precision: str = "fp32") -> dict:
     """Loss, accuracy and macro recall over a loader; with `dist`, over every rank's shard together."""
-    logits, labels = predict(model, loader, device)
+    logits, labels = predict(model, loader, device, precision)
     if dist is not None:
         from lib.distributed import gather
 
@@ -147,6 +185,8 @@ class FitResult:
     best_val_macro_recall: float = -1.0
     stopped_early: bool = False
     seconds: float = 0.0
+    precision: str = "fp32"
+    images_per_second: float = 0.0  # the training loop's throughput (all processes together)
     last: nn.Module | None = None  # the model after the last epoch (the EMA when ema_decay > 0)
 
 
@@ -167,7 +207,7 @@ def _set_rng_states(states: dict, loader) -> None:
 def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: float, weight_decay: float,
         warmup_epochs: float, patience: int, device, criterion, on_best, progress: bool = True,
         body_lr_mult: float = 1.0, frozen=(), ema_decay: float = 0.0, resume=None, resume_key: str = "",
-        after_epoch=None, dist=None) -> FitResult:
+        after_epoch=None, dist=None, precision: str = "fp32") -> FitResult:
     """AdamW + warm-up/cosine; early stopping on validation macro recall.
 
     `on_best(model, epoch, val_metrics)` is called whenever validation macro recall improves
@@ -193,6 +233,9 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     training and validation figures are gathered over all ranks (so early stopping decides alike
     everywhere), and only rank 0 calls `on_best` and writes the resume state (with every rank's RNG
     states).
+
+    `precision` ("fp32", "bf16", "fp16"; see `precision_for`): the forward passes run under autocast,
+    fp16 with a gradient scaler. The result records it and the training loop's images per second.
     """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -215,15 +258,28 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     if dist is not None:
         from lib.distributed import gather
 
-    def rngs() -> list:  # every rank's RNG states, in rank order (gathered: all ranks must call it)
-        return [_rng_states(train_loader)] if dist is None else gather(_rng_states(train_loader))
+    def save_state(epoch: int) -> None:
+        """The resume state after `epoch`; every rank takes part (its RNG states), rank 0 writes."""
+        if resume is None:
+            return
+        rng = [_rng_states(train_loader)] if dist is None else gather(_rng_states(train_loader))
+        if main:
+            _write_state(resume, {
+                "key": resume_key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None, "best_key": best_key,
+                "since_best": since_best, "best_state": best_state, "history": result.history,
+                "best_epoch": result.best_epoch, "best_val_macro_recall": result.best_val_macro_recall,
+                "seconds": time.perf_counter() - start, "rng": rng})
 
     ema = None
     if ema_decay > 0:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
     scored = (lambda: ema.module) if ema is not None else (lambda: model)
     eval_criterion = nn.CrossEntropyLoss(weight=getattr(criterion, "weight", None))
-    result = FitResult()
+    scaler = torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
+    result = FitResult(precision=precision)
+    loop_images, loop_seconds = 0, 0.0
     best_key = (-1.0, 0.0)
     since_best = 0
     start = time.perf_counter()
@@ -236,6 +292,8 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         best_key, since_best, best_state = tuple(state["best_key"]), state["since_best"], state["best_state"]
         result.history, result.best_epoch = state["history"], state["best_epoch"]
         result.best_val_macro_recall = state["best_val_macro_recall"]
@@ -255,13 +313,18 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     for epoch in range(first, epochs + 1):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)  # DistributedSampler: this epoch's permutation
-        tr = train_one_epoch(forward, train_loader, criterion, optimizer, scheduler, device, frozen=frozen, ema=ema)
+        tr = train_one_epoch(forward, train_loader, criterion, optimizer, scheduler, device, frozen=frozen, ema=ema,
+                             precision=precision, scaler=scaler)
         if dist is not None:
-            sums = [sum(t[k] for t in gather(tr)) for k in ("loss_sum", "correct", "seen")]
-            tr = {"loss": sums[0] / sums[2], "accuracy": sums[1] / sums[2]}
+            every = gather(tr)
+            sums = [sum(t[k] for t in every) for k in ("loss_sum", "correct", "seen")]
+            tr = {"loss": sums[0] / sums[2], "accuracy": sums[1] / sums[2], "seen": sums[2],
+                  "seconds": max(t["seconds"] for t in every)}
+        loop_images, loop_seconds = loop_images + tr["seen"], loop_seconds + tr["seconds"]
+        result.images_per_second = loop_images / max(loop_seconds, 1e-9)
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"]}
         if val_loader is not None:
-            va = evaluate(scored(), val_loader, eval_criterion, device, n_classes, dist=dist)
+            va = evaluate(scored(), val_loader, eval_criterion, device, n_classes, dist=dist, precision=precision)
             row |= {"val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_recall": va["macro_recall"]}
         row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         result.history.append(row)
@@ -270,13 +333,7 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
             bar.set_postfix(train_loss=f"{tr['loss']:.3f}",
                             **({"val_recall": f"{va['macro_recall']:.3f}"} if val_loader is not None else {}))
         if val_loader is None:
-            if resume is not None:
-                _write_state(resume, {"key": resume_key, "epoch": epoch, "model": model.state_dict(),
-                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                      "ema": ema.state_dict() if ema is not None else None, "best_key": best_key,
-                                      "since_best": since_best, "best_state": None, "history": result.history,
-                                      "best_epoch": -1, "best_val_macro_recall": -1.0,
-                                      "seconds": time.perf_counter() - start, "rng": rngs()}, main)
+            save_state(epoch)
             if after_epoch is not None:
                 after_epoch(epoch)
             continue
@@ -291,13 +348,7 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
         else:
             since_best += 1
         stop = since_best >= patience
-        if resume is not None:
-            _write_state(resume, {"key": resume_key, "epoch": epoch, "model": model.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "ema": ema.state_dict() if ema is not None else None, "best_key": best_key,
-                                  "since_best": since_best, "best_state": best_state, "history": result.history,
-                                  "best_epoch": result.best_epoch, "best_val_macro_recall": result.best_val_macro_recall,
-                                  "seconds": time.perf_counter() - start, "rng": rngs()}, main)
+        save_state(epoch)
         if after_epoch is not None:
             after_epoch(epoch)
         if stop:
@@ -324,9 +375,7 @@ def _read_state(path, key: str) -> dict | None:
     return state if state.get("key") == key else None
 
 
-def _write_state(path, state: dict, write: bool = True) -> None:
-    if not write:  # another rank than 0: it took part in gathering the RNG states, rank 0 writes
-        return
+def _write_state(path, state: dict) -> None:
     from pathlib import Path
 
     from lib.io import atomic_path, make_parents

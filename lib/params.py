@@ -129,6 +129,8 @@ SCHEMA: dict[str, Param] = {
                             "pixel (0 = off)"),
     "device": Param(str, "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
     "deterministic": Param(bool, "seed everything and use deterministic algorithms"),
+    "precision": Param(str, "training precision: auto (CUDA: bf16 where supported, else fp16 with a gradient scaler; "
+                            "CPU: fp32), or fp32, bf16, fp16", choices=("auto", "fp32", "bf16", "fp16")),
     "nproc_per_node": Param(int, "training processes under torchrun (DistributedDataParallel; gloo on CPU, nccl on "
                                  "CUDA); each takes batch_size / nproc_per_node images of every batch. 1: one process, "
                                  "no torchrun"),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lib.engine import FitResult, GrayDataset, class_weights, fit, make_loader
+from lib.engine import FitResult, GrayDataset, class_weights, fit, make_loader, precision_for
 from lib.preprocess import normalize
 from lib.presets import augmentation
 
@@ -241,34 +241,38 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
         val_set = GrayDataset(gray["val"], y["val"]) if has_val else None
     if dist is None:
         train_loader = make_loader(train_set, batch_size=P["batch_size"], train=True, generator=generator,
-                                   balanced=P["weighted_sampler"])
-        val_loader = make_loader(val_set, batch_size=64, train=False, generator=generator) if has_val else None
+                                   balanced=P["weighted_sampler"], device=device)
+        val_loader = make_loader(val_set, batch_size=64, train=False, generator=generator,
+                                 device=device) if has_val else None
     else:
-        train_loader, val_loader = _distributed_loaders(P, train_set, val_set, dist)
+        train_loader, val_loader = _distributed_loaders(P, train_set, val_set, dist, device)
     out.fit = fit(fitted, train_loader, val_loader, n_classes=n_classes, epochs=P["epochs"], lr=P["lr"],
                   weight_decay=P["weight_decay"], warmup_epochs=P["warmup_epochs"], patience=P["patience"],
                   device=device, criterion=criterion, on_best=best, progress=progress,
                   body_lr_mult=P["body_lr_mult"] if out.recipe in ("lpft", "partial") else 1.0, frozen=frozen,
                   ema_decay=P["ema_decay"], resume=resume, resume_key=resume_key, after_epoch=after_epoch,
-                  dist=dist)
+                  dist=dist, precision=precision_for(device, P.get("precision", "auto")))
     out.model = out.fit.last.net if top is not None else out.fit.last
     return out
 
 
-def _distributed_loaders(P: dict, train_set, val_set, dist):
+def _distributed_loaders(P: dict, train_set, val_set, dist, device):
     """This rank's loaders: batch_size / world images of each global batch, a shard of validation."""
     from torch.utils.data import DataLoader
 
     from lib import distributed
+    from lib.engine import loader_workers
 
     if P["batch_size"] % dist.world:
         raise ValueError(f"batch_size ({P['batch_size']}) must be a multiple of nproc_per_node ({dist.world}): "
                          f"each process takes an equal share of every batch")
     if P["weighted_sampler"]:
         raise ValueError("weighted_sampler is not available with nproc_per_node > 1 (use class_weights)")
-    train = DataLoader(train_set, batch_size=P["batch_size"] // dist.world, drop_last=True,
-                       sampler=distributed.sampler(train_set, dist))
-    val = DataLoader(distributed.shard(val_set, dist), batch_size=64) if val_set is not None else None
+    per_rank = P["batch_size"] // dist.world  # a last, partial batch is dropped, as with one process
+    train = DataLoader(train_set, batch_size=per_rank, drop_last=len(train_set) // dist.world > per_rank,
+                       sampler=distributed.sampler(train_set, dist), **loader_workers(device))
+    val = DataLoader(distributed.shard(val_set, dist), batch_size=64,
+                     **loader_workers(device)) if val_set is not None else None
     return train, val
 
 
@@ -399,6 +403,8 @@ def describe_result(trained: Trained, seconds: float) -> str:
         lines.append(f"Best epoch **{result.best_epoch}** of {epochs} (validation macro recall "
                      f"{result.best_val_macro_recall:.3f}); {'stopped early' if result.stopped_early else 'ran all epochs'}; "
                      f"{result.seconds:.0f} s ({result.seconds / epochs:.1f} s per epoch).{verdict}")
+        lines.append(f"Training loop: precision **{result.precision}**, **{result.images_per_second:,.0f} images/s** "
+                     f"(forward, backward and step; validation excluded).")
     return "\n\n".join(lines)
 
 
@@ -413,6 +419,9 @@ def summary(trained: Trained, P: dict, labels: list[str], y: dict, device, secon
             "best_val_macro_recall": (floor or {}).get("val_macro_recall") if result is None else result.best_val_macro_recall,
             "epochs_run": 0 if result is None else len(hist),
             "stopped_early": False if result is None else result.stopped_early, "seconds": seconds,
+            "precision": None if result is None else result.precision,
+            "images_per_second": None if result is None else result.images_per_second,
+            "processes": P.get("nproc_per_node", 1),
             "first_train_loss": hist["train_loss"].astype(float).iloc[0],
             "last_train_loss": hist["train_loss"].astype(float).iloc[-1], "classes": labels,
             "train_images": int(len(y["train"])), "val_images": int(len(y["val"])),
