@@ -45,7 +45,7 @@ def temperature_interval(logits: np.ndarray, y: np.ndarray, groups=None, *, resa
     resample with no image wrong has no finite fit and counts at the lower bound."""
     logits, y = np.asarray(logits, np.float64), np.asarray(y)
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-    members = list(pd.Series(np.arange(len(y))).groupby(groups).apply(np.asarray))
+    members = list(pd.Series(np.arange(len(y))).groupby(groups, dropna=False).apply(np.asarray))
     rng = np.random.default_rng(seed)
     fits = []
     for _ in range(resamples):
@@ -75,6 +75,10 @@ def calibrate(logits: np.ndarray, y: np.ndarray, groups=None, *, bounds=(0.1, 20
     if (np.asarray(logits).argmax(1) == y).all():
         return {**none, "reason": f"every one of the {len(y)} validation images is right, so the fit has nothing to "
                                   f"learn from (the NLL falls without limit as T shrinks): confidences are not calibrated"}
+    n_groups = len(y) if groups is None else len(pd.unique(pd.Series(np.asarray(groups))))
+    if n_groups < 2:
+        return {**none, "reason": "the validation split is one group of near-duplicates: no interval, so "
+                                  "confidences are not calibrated"}
     t = fit_temperature(logits, y, bounds)
     if not bounds[0] * 1.02 < t < bounds[1] / 1.02:
         return {**none, "fitted_value": t,
@@ -82,9 +86,8 @@ def calibrate(logits: np.ndarray, y: np.ndarray, groups=None, *, bounds=(0.1, 20
     low, high = temperature_interval(logits, y, groups, resamples=resamples, bounds=bounds, seed=seed)
     out = {"temperature": t, "fitted": True, "reason": "", "fitted_value": t, "interval": [low, high]}
     if low <= 1.0 <= high:
-        n = len(y) if groups is None else len(np.unique(np.asarray(groups)))
         out.update(temperature=1.0, fitted=False,
-                   reason=f"the validation split ({n} independent images or groups) cannot tell the fitted T = {t:.2f} "
+                   reason=f"the validation split ({n_groups} independent images or groups) cannot tell the fitted T = {t:.2f} "
                           f"from 1 (95% bootstrap interval {low:.2f}-{high:.2f}): confidences are left as trained")
     return out
 

@@ -80,10 +80,7 @@ def wrap(model: torch.nn.Module, dist: Dist, device) -> torch.nn.Module:
     """DistributedDataParallel around `model` (its BatchNorm layers synchronised first when asked)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if dist.sync_bn:
-        if not str(device).startswith("cuda"):
-            raise ValueError("parameter 'sync_bn' needs CUDA (SyncBatchNorm has no CPU kernel); set sync_bn: false "
-                             "on CPU, where each process keeps its own BatchNorm statistics")
+    if dist.sync_bn and str(device).startswith("cuda"):  # lib.recipes.check_processes refuses it on CPU
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [torch.device(device).index] if str(device).startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=ids)

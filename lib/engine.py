@@ -82,7 +82,9 @@ def loader_workers(device) -> dict:
     if str(device).startswith("cuda"):
         import os
 
-        return {"num_workers": min(4, os.cpu_count() or 1), "pin_memory": True, "persistent_workers": True}
+        # not persistent: each epoch's workers take their seeds from the loader's generator, which a
+        # resumed run restores, so augmentation after a resume is what it would have been
+        return {"num_workers": min(4, os.cpu_count() or 1), "pin_memory": True}
     return {"num_workers": 0}
 
 
@@ -161,6 +163,8 @@ def predict(model, loader, device, precision: str = "fp32") -> tuple[np.ndarray,
         with autocast(device, precision):
             logits.append(model(x.to(device, memory_format=torch.channels_last)).float().cpu())
         labels.append(y)
+    if not logits:  # an empty loader (a rank's shard of a tiny split)
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
@@ -170,7 +174,7 @@ def evaluate(model, loader, criterion, device, n_classes: int, dist=None, precis
     if dist is not None:
         from lib.distributed import gather
 
-        shards = gather((logits, labels))
+        shards = [(a, b) for a, b in gather((logits, labels)) if len(b)]
         logits, labels = np.concatenate([a for a, _ in shards]), np.concatenate([b for _, b in shards])
     loss = criterion(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     pred = logits.argmax(1)
@@ -193,6 +197,7 @@ class FitResult:
 def _rng_states(loader) -> dict:
     gen = getattr(loader, "generator", None)
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "loader": gen.get_state() if gen is not None else None}
 
 
@@ -200,6 +205,8 @@ def _set_rng_states(states: dict, loader) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
     if states["loader"] is not None and getattr(loader, "generator", None) is not None:
         loader.generator.set_state(states["loader"])
 
@@ -265,18 +272,20 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
         rng = [_rng_states(train_loader)] if dist is None else gather(_rng_states(train_loader))
         if main:
             _write_state(resume, {
-                "key": resume_key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "format": STATE_FORMAT, "key": resume_key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None, "best_key": best_key,
                 "since_best": since_best, "best_state": best_state, "history": result.history,
                 "best_epoch": result.best_epoch, "best_val_macro_recall": result.best_val_macro_recall,
-                "seconds": time.perf_counter() - start, "rng": rng})
+                "seconds": time.perf_counter() - start, "rng": rng, "stopped": result.stopped_early,
+                "loop": (loop_images, loop_seconds)})
 
     ema = None
     if ema_decay > 0:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
     scored = (lambda: ema.module) if ema is not None else (lambda: model)
-    eval_criterion = nn.CrossEntropyLoss(weight=getattr(criterion, "weight", None))
+    weight = getattr(criterion, "weight", None)  # the validation loss is computed on CPU logits
+    eval_criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.detach().cpu())
     scaler = torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
     result = FitResult(precision=precision)
     loop_images, loop_seconds = 0, 0.0
@@ -298,7 +307,10 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
         result.history, result.best_epoch = state["history"], state["best_epoch"]
         result.best_val_macro_recall = state["best_val_macro_recall"]
         start -= state["seconds"]
-        first = state["epoch"] + 1
+        loop_images, loop_seconds = state["loop"]
+        result.images_per_second = loop_images / max(loop_seconds, 1e-9)
+        result.stopped_early = state["stopped"]
+        first = epochs + 1 if state["stopped"] else state["epoch"] + 1  # early stopping had ended it
         _set_rng_states(state["rng"][rank], train_loader)
         if best_state is not None and main:
             import copy
@@ -324,6 +336,9 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
         result.images_per_second = loop_images / max(loop_seconds, 1e-9)
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"]}
         if val_loader is not None:
+            if dist is not None:  # every rank scores rank 0's model (BatchNorm statistics are per process)
+                for buffer in scored().buffers():
+                    torch.distributed.broadcast(buffer, 0)
             va = evaluate(scored(), val_loader, eval_criterion, device, n_classes, dist=dist, precision=precision)
             row |= {"val_loss": va["loss"], "val_accuracy": va["accuracy"], "val_macro_recall": va["macro_recall"]}
         row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
@@ -347,12 +362,11 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
                 best_state = {"model": {k: v.detach().clone() for k, v in scored().state_dict().items()}, "val": va}
         else:
             since_best += 1
-        stop = since_best >= patience
+        result.stopped_early = since_best >= patience
         save_state(epoch)
         if after_epoch is not None:
             after_epoch(epoch)
-        if stop:
-            result.stopped_early = True
+        if result.stopped_early:
             break
     if val_loader is None:
         result.best_epoch = len(result.history)
@@ -365,14 +379,24 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     return result
 
 
+STATE_FORMAT = 1  # the resume state's layout; a state of another layout is not resumed from
+
+
 def _read_state(path, key: str) -> dict | None:
     """The training state `fit` saved at `path`, or None when there is none or it is another run's."""
     from pathlib import Path
 
     if path is None or not Path(path).is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state if state.get("key") == key else None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a state the project cannot read is started over, not fatal
+        print(f"note: the training state {path} cannot be read ({type(e).__name__}: {e}); training starts over "
+              f"and replaces it")
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("key") != key:
+        return None
+    return state
 
 
 def _write_state(path, state: dict) -> None:

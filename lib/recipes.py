@@ -269,6 +269,9 @@ def _distributed_loaders(P: dict, train_set, val_set, dist, device):
     if P["weighted_sampler"]:
         raise ValueError("weighted_sampler is not available with nproc_per_node > 1 (use class_weights)")
     per_rank = P["batch_size"] // dist.world  # a last, partial batch is dropped, as with one process
+    if len(train_set) < P["batch_size"]:
+        raise ValueError(f"the training split holds {len(train_set)} images, fewer than one batch (batch_size "
+                         f"{P['batch_size']}): too few for nproc_per_node {dist.world}")
     train = DataLoader(train_set, batch_size=per_rank, drop_last=len(train_set) // dist.world > per_rank,
                        sampler=distributed.sampler(train_set, dist), **loader_workers(device))
     val = DataLoader(distributed.shard(val_set, dist), batch_size=64,
@@ -319,8 +322,7 @@ def train_and_checkpoint(P: dict, parts: dict, labels: list[str], prepared: Trai
     `resume_key` continues from its last epoch (see `lib.engine.fit`)."""
     import time
 
-    if P.get("nproc_per_node", 1) < 1:
-        raise ValueError(f"parameter 'nproc_per_node' must be at least 1, got {P['nproc_per_node']}")
+    check_processes(P, device)
     if P.get("nproc_per_node", 1) > 1:
         return _launch(P, labels, prepared, checkpoint, device=device, build_dir=build_dir, resume=resume,
                        resume_key=resume_key)
@@ -330,6 +332,19 @@ def train_and_checkpoint(P: dict, parts: dict, labels: list[str], prepared: Trai
                            on_best=checkpoint_writer(P, labels, prepared, checkpoint), build_dir=build_dir,
                            prepared=prepared, resume=resume, resume_key=resume_key)
     return trained, time.perf_counter() - started
+
+
+def check_processes(P: dict, device) -> None:
+    """nproc_per_node and sync_bn against the device, before any process starts (errors name the key)."""
+    n, cuda = P.get("nproc_per_node", 1), str(device).startswith("cuda")
+    if n < 1:
+        raise ValueError(f"parameter 'nproc_per_node' must be at least 1, got {n}")
+    if cuda and n > torch.cuda.device_count():
+        raise ValueError(f"parameter 'nproc_per_node' is {n}, but this machine has {torch.cuda.device_count()} "
+                         f"CUDA devices (one process per GPU)")
+    if P.get("sync_bn") and n > 1 and not cuda:
+        raise ValueError("parameter 'sync_bn' needs CUDA (SyncBatchNorm has no CPU kernel); set sync_bn: false on "
+                         "CPU, where each process keeps its own BatchNorm statistics")
 
 
 def checkpoint_writer(P: dict, labels: list[str], prepared: Trained, checkpoint):
@@ -364,14 +379,19 @@ def _launch(P: dict, labels: list[str], prepared: Trained, checkpoint, *, device
 
 
 def resume_key(P: dict, build_dir) -> str:
-    """What a saved training state must match to be resumed: the stage's parameters and the split."""
+    """What a saved training state must match to be resumed: the stage's parameters, the split, the
+    training code (lib/engine, recipes, model, presets, distributed) and a local weights file."""
     import hashlib
     from pathlib import Path
 
     from lib import io
 
-    split = io.file_digest(Path(build_dir) / "split" / "split.csv")
-    return hashlib.sha256((io.dumps(P) + split).encode()).hexdigest()
+    here = Path(__file__).resolve().parent
+    parts = [io.dumps(P), io.file_digest(Path(build_dir) / "split" / "split.csv")]
+    parts += [io.file_digest(here / f"{m}.py") for m in ("engine", "recipes", "model", "presets", "distributed")]
+    if Path(str(P["weights"])).is_file():
+        parts.append(io.file_digest(P["weights"]))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def history(trained: Trained, seconds: float):

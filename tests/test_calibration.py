@@ -56,6 +56,8 @@ def test_temperature_is_applied_only_when_its_group_bootstrap_interval_excludes_
     assert low <= 1.0 <= high and grouped["temperature"] == 1.0 and not grouped["fitted"]
     assert grouped["fitted_value"] == pytest.approx(calibration.fit_temperature(copies, y5))
     assert "30 independent" in grouped["reason"] and "cannot tell" in grouped["reason"]
+    one = calibration.calibrate(copies, y5, np.zeros(150))
+    assert not one["fitted"] and one["temperature"] == 1.0 and "one group" in one["reason"]
     as_if_independent = calibration.temperature_interval(copies, y5)
     assert as_if_independent[1] - as_if_independent[0] < 0.6 * (high - low)  # copies would fake precision
     logits, y = overconfident(n=600, temperature=2.5)

@@ -126,3 +126,24 @@ def test_mixed_precision_paths_train_and_record_their_throughput():
                          progress=False, precision=precision)
         assert res.precision == precision and res.images_per_second > 0
         assert res.history[-1]["train_loss"] < res.history[0]["train_loss"], precision
+
+
+def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(tmp_path):
+    """Killed after its last (early-stopped) epoch, e.g. while writing its artifacts: the rerun trains no more."""
+    state = tmp_path / "state.pt"
+
+    def run(**kw):
+        g = engine.seed_everything(0)
+        y = np.repeat(np.arange(3), 8)
+        gray = np.random.default_rng(0).random((24, 1, 32, 32), dtype=np.float32)  # nothing to learn: stops early
+        loader = engine.make_loader(engine.GrayDataset(gray, y), batch_size=8, train=True, generator=g)
+        val = engine.make_loader(engine.GrayDataset(gray, y), batch_size=24, train=False, generator=g)
+        return engine.fit(_Tiny(), loader, val, n_classes=3, epochs=30, lr=1e-4, weight_decay=0.0, warmup_epochs=1,
+                          patience=2, device="cpu", criterion=nn.CrossEntropyLoss(), on_best=lambda *a: None,
+                          progress=False, resume=state, resume_key="k", **kw)
+
+    first = run()
+    assert first.stopped_early and len(first.history) < 30
+    again = run()
+    assert again.stopped_early and len(again.history) == len(first.history)
+    assert again.images_per_second == first.images_per_second

@@ -42,7 +42,7 @@ def test_training_loss_fell_and_weights_are_named(smoke_run):
     assert summary["last_train_loss"] < summary["first_train_loss"]
     assert summary["weights"]["source"] == "none"
     assert "Weights used" in (smoke_run[0] / "reports" / "03_training.html").read_text()
-    assert not (smoke_run[0] / "build" / "train.resume.pt").exists()  # the stage completed: nothing to resume
+    assert not (smoke_run[0] / "build" / "resume" / "train.pt").exists()  # the stage completed: nothing to resume
 
 
 def test_onnx_parity_held(smoke_run):
