@@ -113,7 +113,7 @@ def test_mixed_precision_paths_train_and_record_their_throughput():
     """bf16 autocast and fp16 with a gradient scaler (the CUDA defaults) run through the same fit on
     CPU; the default on CPU is fp32."""
     assert engine.precision_for("cpu") == "fp32" and engine.precision_for("cpu", "bf16") == "bf16"
-    for precision in ("fp32", "bf16", "fp16"):
+    for precision in ("bf16", "fp16"):
         g = engine.seed_everything(0)
         rng = np.random.default_rng(0)
         y = np.repeat(np.arange(3), 8)
@@ -121,7 +121,7 @@ def test_mixed_precision_paths_train_and_record_their_throughput():
         for c in range(3):
             gray[y == c, :, :, c * 10: c * 10 + 8] += 0.5
         loader = engine.make_loader(engine.GrayDataset(gray, y), batch_size=8, train=True, generator=g)
-        res = engine.fit(_Tiny(), loader, None, n_classes=3, epochs=4, lr=3e-3, weight_decay=0.0, warmup_epochs=1,
+        res = engine.fit(_Tiny(), loader, None, n_classes=3, epochs=3, lr=3e-3, weight_decay=0.0, warmup_epochs=1,
                          patience=10, device="cpu", criterion=nn.CrossEntropyLoss(), on_best=lambda *a: None,
                          progress=False, precision=precision)
         assert res.precision == precision and res.images_per_second > 0
