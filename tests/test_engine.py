@@ -57,15 +57,20 @@ class _Tiny(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _stripes():
+    """24 noisy 32-px images of 3 classes, each with a learnable bright stripe of its own."""
+    y = np.repeat(np.arange(3), 8)
+    gray = np.random.default_rng(0).random((24, 1, 32, 32), dtype=np.float32) * 0.3
+    for c in range(3):
+        gray[y == c, :, :, c * 10: c * 10 + 8] += 0.5
+    return gray, y
+
+
 def _train(resume=None, key="run", kill_after=None, epochs=6):
     """A deterministic fit with augmentation noise, dropout and EMA; `kill_after` stops the process's
     training right after that epoch's state is saved, as a kill would."""
     g = engine.seed_everything(0)
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(3), 8)
-    gray = rng.random((24, 1, 32, 32), dtype=np.float32) * 0.3
-    for c in range(3):
-        gray[y == c, :, :, c * 10: c * 10 + 8] += 0.5
+    gray, y = _stripes()
     model = _Tiny()
     noisy = engine.GrayDataset(gray, y, transform=lambda x: (x + 0.05 * torch.randn_like(x)).clamp(0, 1))
     train = engine.make_loader(noisy, batch_size=8, train=True, generator=g)
@@ -115,11 +120,7 @@ def test_mixed_precision_paths_train_and_record_their_throughput():
     assert engine.precision_for("cpu") == "fp32" and engine.precision_for("cpu", "bf16") == "bf16"
     for precision in ("bf16", "fp16"):
         g = engine.seed_everything(0)
-        rng = np.random.default_rng(0)
-        y = np.repeat(np.arange(3), 8)
-        gray = rng.random((24, 1, 32, 32), dtype=np.float32) * 0.3
-        for c in range(3):
-            gray[y == c, :, :, c * 10: c * 10 + 8] += 0.5
+        gray, y = _stripes()
         loader = engine.make_loader(engine.GrayDataset(gray, y), batch_size=8, train=True, generator=g)
         res = engine.fit(_Tiny(), loader, None, n_classes=3, epochs=3, lr=3e-3, weight_decay=0.0, warmup_epochs=1,
                          patience=10, device="cpu", criterion=nn.CrossEntropyLoss(), on_best=lambda *a: None,
