@@ -106,13 +106,13 @@ def fingerprints(paths, workers: int = 2) -> pd.DataFrame:
 
 
 def hamming_pairs(hashes: np.ndarray, threshold: int, other: np.ndarray | None = None,
-                  block: int = 4096, workers: int = 2, confirm: tuple | None = None) -> np.ndarray:
+                  block: int = 1024, workers: int = 2, confirm: tuple | None = None) -> np.ndarray:
     """Index pairs whose 64-bit hashes differ in at most `threshold` bits.
 
     With one array: all pairs (i, j), i < j, within it. With `other`: all pairs (i, j) with
     i indexing `hashes` and j indexing `other`. Exhaustive, vectorised over block × block
     tiles (XOR + popcount) and spread over `workers` threads (numpy releases the GIL), so
-    memory stays near block² bytes per thread.
+    memory stays near 10 × block² bytes per thread (10 MB), whatever the number of images.
 
     `confirm=(hashes2, threshold2, other2)` keeps only pairs whose second hashes (aligned with
     `hashes` and `other`; other2 None when searching within one array) are within threshold2 too.
@@ -145,12 +145,14 @@ def hamming_pairs(hashes: np.ndarray, threshold: int, other: np.ndarray | None =
     return np.concatenate([np.zeros((0, 2), np.int64), *parts])
 
 
-def nearest_hamming(hashes: np.ndarray, block: int = 1024) -> np.ndarray:
-    """For each 64-bit hash, the Hamming distance to the nearest other one (64 when alone)."""
+def nearest_hamming(hashes: np.ndarray, cells: int = 1 << 20) -> np.ndarray:
+    """For each 64-bit hash, the Hamming distance to the nearest other one (64 when alone); rows are
+    compared in blocks of about `cells` distances (9 bytes each), whatever the number of images."""
     h = np.ascontiguousarray(hashes, dtype=np.uint64)
     nearest = np.full(len(h), 64)
+    block = max(1, cells // max(1, len(h)))
     for start in range(0, len(h), block):
-        d = np.bitwise_count(h[start : start + block, None] ^ h[None, :]).astype(int)
+        d = np.bitwise_count(h[start : start + block, None] ^ h[None, :])  # uint8
         d[np.arange(len(d)), start + np.arange(len(d))] = 64  # not itself
         nearest[start : start + block] = d.min(1)
     return nearest

@@ -186,7 +186,8 @@ def test_nearest_hamming_matches_brute_force():
     rng = np.random.default_rng(1)
     h = rng.integers(0, 2**63, 50, dtype=np.int64).astype(np.uint64)
     want = [min(bin(int(h[i]) ^ int(h[j])).count("1") for j in range(50) if j != i) for i in range(50)]
-    assert leakage.nearest_hamming(h, block=7).tolist() == want
+    assert leakage.nearest_hamming(h, cells=7 * len(h)).tolist() == want  # blocks of 7 rows
+    assert leakage.nearest_hamming(h, cells=1).tolist() == want  # one row at a time
     assert leakage.nearest_hamming(h[:1]).tolist() == [64]
 
 
