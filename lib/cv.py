@@ -99,24 +99,17 @@ def repeated_folds(df: pd.DataFrame, y: np.ndarray, k: int, seed: int, repeats: 
     return splits, pd.DataFrame(columns, index=df.index)
 
 
-def decoded(paths, sizes, cache_dir: str | Path, data_key: str, *, resize: str, background: float,
-            log=print) -> dict[int, np.ndarray]:
-    """Every image decoded once per input size ({size: [N, 1, size, size]}), kept as .npy files under
-    cache_dir keyed by the data's fingerprint and the preprocessing, so a rerun reads them back."""
-    from lib import data
-    from lib.io import atomic_path
+def decoded(paths, sizes, cache_dir: str | Path, *, resize: str, background: float, log=print) -> dict:
+    """Every image decoded once per input size ({size: [N, 1, size, size]}) into the on-disk image
+    cache under cache_dir (`lib.cache.gray_images`: keyed by each file's fingerprint and the
+    preprocessing, so a rerun reads them back; folds read their rows from it)."""
+    from lib import cache
 
     out = {}
     for size in sorted(set(sizes)):
-        path = Path(cache_dir) / f"gray_{size}_{cache_key(data_key, size, resize, background)}.npy"
         t0 = time.perf_counter()
-        if path.is_file():
-            out[size], how = np.load(path), "read from the cache"
-        else:
-            out[size], how = data.cache_gray(paths, size, resize=resize, background=background), "decoded"
-            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, out[size])
-        log(f"{len(out[size])} images at {size} px {how} in {time.perf_counter() - t0:.1f} s.")
+        out[size] = cache.gray_images(paths, size, cache_dir, resize=resize, background=background)
+        log(f"{len(out[size])} images at {size} px ready in {time.perf_counter() - t0:.1f} s ({out[size].path.name}).")
     return out
 
 

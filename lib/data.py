@@ -1,5 +1,6 @@
 """The dataset: finding the images of an image-folder tree, what each file is, the split manifest,
-decoding many files at once, and making the run's images ready (`python -m lib.data prepare`).
+decoding many files at once (in memory, or into the on-disk cache of `lib.cache` that every stage
+shares), and making the run's images ready (`python -m lib.data prepare`).
 
 Layouts: one folder per class, or a pre-split tree of train / val / test folders of class folders.
 Your own image folder is only ever read; the embedded synthetic dataset is rendered (by
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from lib import cache
 from lib.preprocess import FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, bit_depth, decode, load_gray, to_gray
 
 
@@ -138,12 +140,17 @@ def inspect_file(path: str) -> dict:
     return info
 
 
-def inventory(root: str | Path, classes: list[str], workers: int = 2, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """list_images (kwargs go to it) + inspect_file for each file, in parallel over files."""
+def inventory(root: str | Path, classes: list[str], workers: int = 2, chunk: int = 2048,
+              **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """list_images (kwargs go to it) + inspect_file for each file, in parallel over files; the
+    per-file records become table rows `chunk` files at a time (a record as a dict costs ~20x its row)."""
     files, unmatched = list_images(root, classes, **kwargs)
+    paths = files["path"].tolist()
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        infos = list(pool.map(inspect_file, files["path"], chunksize=32))
-    return pd.concat([files, pd.DataFrame(infos)], axis=1), unmatched
+        infos = [pd.DataFrame(pool.map(inspect_file, paths[i : i + chunk], chunksize=32))
+                 for i in range(0, len(paths), chunk)]
+    infos = pd.concat(infos, ignore_index=True).infer_objects() if infos else pd.DataFrame()
+    return pd.concat([files, infos], axis=1), unmatched
 
 
 def describe_layout(inventory: pd.DataFrame) -> str:
@@ -197,20 +204,32 @@ def load_split(build_dir: str | Path, classes: list[str] | None = None) -> pd.Da
 
 @dataclass
 class Part:
-    """One split of the manifest, decoded: its rows, grayscale images [N, 1, size, size] on 0-1 and labels."""
+    """One split of the manifest, decoded: its rows, grayscale images [N, 1, size, size] on 0-1 (in
+    memory, or a `lib.cache.DiskArray` read by rows) and labels."""
 
     rows: pd.DataFrame
-    gray: np.ndarray
+    gray: "np.ndarray | cache.DiskArray"
     y: np.ndarray
 
 
 def load_part(split: pd.DataFrame, name: str, labels: list[str], size: int, *, resize: str = "stretch",
-              background: float = 0.0) -> Part:
+              background: float = 0.0, cache_dir: str | Path | None = None) -> Part:
     """The rows of split `name` ("train", "val" or "test") decoded once by the one preprocessing, with
-    label indices in `labels` order."""
+    label indices in `labels` order. With `cache_dir`, the images live in the on-disk cache there
+    (`lib.cache.gray_images`: decoded once for every stage and process, memory independent of
+    their number); without it, in memory."""
     rows = split[split["split"] == name].reset_index(drop=True)
-    gray = cache_gray(rows["path"], size, resize=resize, background=background)
+    gray = (cache.gray_images(rows["path"], size, cache_dir, resize=resize, background=background) if cache_dir
+            else cache_gray(rows["path"], size, resize=resize, background=background))
     return Part(rows, gray, rows["class"].map({c: i for i, c in enumerate(labels)}).to_numpy())
+
+
+def load_parts(split: pd.DataFrame, names, labels: list[str], P: dict, build_dir: str | Path) -> dict[str, Part]:
+    """The named splits decoded by the preprocessing P names (image_size, resize, alpha_background: the
+    run's parameters, or those a checkpoint was trained with) into the run's on-disk image cache,
+    <build_dir>/cache, which every stage and process shares."""
+    return {s: load_part(split, s, labels, P["image_size"], resize=P["resize"], background=P["alpha_background"],
+                         cache_dir=Path(build_dir) / "cache") for s in names}
 
 
 def cache_gray(paths, size: int, *, resize: str = "stretch", background: float = 0.0, workers: int = 2) -> np.ndarray:

@@ -131,14 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     generator = engine.seed_everything(P["seed"] + dist.rank, P["deterministic"])
     labels = data.label_order(P["classes"])
     split = data.load_split(build, labels)
-    parts = {s: data.load_part(split, s, labels, P["image_size"], resize=P["resize"], background=P["alpha_background"])
-             for s in ("train", "val")}
+    parts = data.load_parts(split, ("train", "val"), labels, P, build)  # the cache the notebook filled
     prepared = recipes.prepare(P, len(labels), build_dir=build)
     started = time.perf_counter()
     trained = recipes.train_recipe(
         P, {s: parts[s].gray for s in parts}, {s: parts[s].y for s in parts}, len(labels), device=device,
         generator=generator, on_best=recipes.checkpoint_writer(P, labels, prepared, Path(out_dir) / "model.pt")
-        if dist.main else None, build_dir=build, prepared=prepared, progress=dist.main,
+        if dist.main else None, build_dir=build, scratch_dir=build / "scratch", prepared=prepared, progress=dist.main,
         resume=spec["resume"] or None, resume_key=spec["resume_key"], dist=dist)
     if dist.main:
         fit = trained.fit

@@ -117,12 +117,12 @@ def load_gray(path: str | Path, size: int, *, resize: str = "stretch", backgroun
 def normalize(gray):
     """[N, 1, H, W] or [1, H, W] grayscale on 0-1 -> 3-channel ImageNet-normalised float32.
 
-    Works on numpy arrays and torch tensors alike.
+    Works on torch tensors, numpy arrays and whatever `np.asarray` reads (a `lib.cache.DiskArray`).
     """
     mean = np.asarray(MEAN, dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(STD, dtype=np.float32).reshape(3, 1, 1)
-    if isinstance(gray, np.ndarray):
-        return ((gray.astype(np.float32) - mean) / std).astype(np.float32)
+    if not type(gray).__module__.startswith("torch"):
+        return ((np.asarray(gray, dtype=np.float32) - mean) / std).astype(np.float32)
     import torch
 
     return (gray - torch.from_numpy(mean).to(gray.device)) / torch.from_numpy(std).to(gray.device)

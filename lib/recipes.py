@@ -15,13 +15,16 @@ with the engine (`lib.engine`). The training notebook and cross-validation share
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from lib.engine import FitResult, GrayDataset, class_weights, fit, make_loader, precision_for
+from lib.engine import FitResult, GrayDataset, batched, class_weights, fit, make_loader, precision_for
 from lib.preprocess import normalize
 from lib.presets import augmentation
 
@@ -48,16 +51,21 @@ def freeze(model: nn.Module, n_blocks: int | None = None) -> list[nn.Module]:
 
 
 @torch.inference_mode()
-def pooled_features(model: nn.Module, gray: np.ndarray, device="cpu", batch_size: int = 64) -> np.ndarray:
-    """Pooled body features [N, F] of cached grayscale images [N, 1, H, W], body in eval mode."""
+def pooled_features(model: nn.Module, gray: np.ndarray, device="cpu", batch_size: int = 64,
+                    rows: np.ndarray | None = None) -> np.ndarray:
+    """Pooled body features [N, F] of cached grayscale images [N, 1, H, W] (or of those `rows`),
+    body in eval mode, read a batch at a time."""
     was_training = model.training
     model.eval().to(device)
-    out = []
-    for i in range(0, len(gray), batch_size):
-        x = normalize(torch.from_numpy(np.ascontiguousarray(gray[i : i + batch_size])).float().to(device))
-        out.append(model.pool(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
+    take = (lambda i, j: gray[i:j]) if rows is None else (lambda i, j: gray[rows[i:j]])
+
+    def features(i, j):
+        x = normalize(torch.from_numpy(np.ascontiguousarray(take(i, j))).float().to(device))
+        return model.pool(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+
+    out = batched(features, len(gray) if rows is None else len(rows), batch_size)
     model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    return out
 
 
 def linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, *, balanced: bool = True,
@@ -110,10 +118,11 @@ RECIPES = ("ft", "lpft", "partial", "probe")
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Cached trunk activations [N, V, C, H, W] (float16) and labels: each draw of an item is one of
-    its V views, chosen at random (view 0, the image itself, when V is 1)."""
+    """Cached trunk activations [N, V, C, H, W] (float16, in memory or a `lib.cache.DiskArray`) and
+    labels: each draw of an item is one of its V views, chosen at random (view 0, the image itself,
+    when V is 1)."""
 
-    def __init__(self, acts: np.ndarray, labels: np.ndarray):
+    def __init__(self, acts, labels: np.ndarray):
         self.acts = acts
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
 
@@ -126,23 +135,39 @@ class ViewDataset(torch.utils.data.Dataset):
 
 
 @torch.inference_mode()
-def trunk_views(model: nn.Module, gray: np.ndarray, k: int, views: int, augment=None, device="cpu",
-                batch_size: int = 32) -> np.ndarray:
+def trunk_views(model: nn.Module, gray, k: int, views: int, augment=None, device="cpu",
+                batch_size: int = 32, path=None):
     """The first k body units' activations of every image [N, views, C, H, W] (float16): view 0 is
-    the image itself, the others are augmented draws of it (`augment`, on the grayscale image)."""
+    the image itself, the others are augmented draws of it (`augment`, on the grayscale image).
+    With `path`, they are written there (`lib.cache.write`, one batch in memory at a time) and
+    come back as a `lib.cache.DiskArray`; otherwise as an array in memory."""
+    from lib import cache
     from lib import model as net
 
     model.eval().to(device)
-    out = None
-    for i in range(0, len(gray), batch_size):
-        chunk = torch.from_numpy(np.ascontiguousarray(gray[i : i + batch_size])).float()
-        for v in range(views):
-            x = chunk if v == 0 else torch.stack([augment(g) for g in chunk])
-            a = net.trunk(model, normalize(x.to(device)).contiguous(memory_format=torch.channels_last), k)
-            if out is None:
-                out = np.empty((len(gray), views, *a.shape[1:]), np.float16)
-            out[i : i + len(chunk), v] = a.float().cpu().numpy()
-    return out
+
+    def batches():
+        for i in range(0, len(gray), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(gray[i : i + batch_size])).float()
+            out = []
+            for v in range(views):
+                x = chunk if v == 0 else torch.stack([augment(g) for g in chunk])
+                a = net.trunk(model, normalize(x.to(device)).contiguous(memory_format=torch.channels_last), k)
+                out.append(a.float().cpu().numpy().astype(np.float16))
+            yield np.stack(out, axis=1)
+
+    it = batches()
+    first = next(it, None)
+    if first is None:
+        return np.zeros((0, views), np.float16)
+    shape = (len(gray), *first.shape[1:])
+    if path is not None:
+        return cache.DiskArray(cache.write(path, shape, np.float16, itertools.chain([first], it)))
+    acts = np.empty(shape, np.float16)
+    i = 0
+    for b in itertools.chain([first], it):
+        acts[i : i + len(b)], i = b, i + len(b)
+    return acts
 
 
 @dataclass
@@ -175,10 +200,7 @@ def prepare(P: dict, n_classes: int, *, build_dir="build") -> Trained:
     return out
 
 
-def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, generator, on_best=None,
-                 progress: bool = True, build_dir="build", prepared: Trained | None = None,
-                 features: dict | None = None, resume=None, resume_key: str = "", after_epoch=None,
-                 dist=None) -> Trained:
+def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, scratch_dir=None, **kwargs) -> Trained:
     """Train the model `prepare` gives (or `prepared`) by its recipe.
 
     gray / y: {"train": ..., "val": ...} cached grayscale images and labels; "val" may be
@@ -195,7 +217,51 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
     probe and the trunk cache are recomputed on a resume (deterministic from the seed).
     `dist` (`lib.distributed.Dist`, under torchrun): every rank computes the probe and the trunk
     cache; each trains on its share of every batch (batch_size / world images).
+    `scratch_dir` (a folder the project owns, created when missing): the `partial` recipe's trunk
+    activations go to files there, read a batch at a time and removed when training ends, so that
+    memory does not grow with the number of images; without it they stay in memory.
     """
+    if scratch_dir is None:
+        return _train_recipe(P, gray, y, n_classes, scratch=None, **kwargs)
+    with _scratch(scratch_dir) as scratch:
+        return _train_recipe(P, gray, y, n_classes, scratch=scratch, **kwargs)
+
+
+@contextlib.contextmanager
+def _scratch(scratch_dir):
+    """A fresh folder for this process's scratch files under scratch_dir, removed on leaving; the
+    folders of processes that are gone (a killed training) are removed first."""
+    import os
+    import shutil
+    import tempfile
+
+    from lib.io import claim
+
+    root = claim(scratch_dir, "training scratch")
+    for old in root.glob(".trunk-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f".trunk-{os.getpid()}-", dir=root) as tmp:
+        yield Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, generator, on_best=None,
+                  progress: bool = True, build_dir="build", prepared: Trained | None = None,
+                  features: dict | None = None, resume=None, resume_key: str = "", after_epoch=None,
+                  dist=None, scratch=None) -> Trained:
     from lib.metrics import macro_recall
 
     out = prepared or prepare(P, n_classes, build_dir=build_dir)
@@ -203,6 +269,7 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
     has_val = "val" in gray and len(gray["val"]) > 0
     on_best = on_best or (lambda *a: None)
     counts = np.bincount(y["train"], minlength=n_classes)
+    rows = probe_rows(y["train"], PROBE_MAX_IMAGES, P["seed"])
     top, acts = None, {}
     if out.recipe == "partial":
         from lib import model as net
@@ -211,13 +278,21 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, genera
         top = net.Top(model, k)  # checks k
         freeze(model, k)
         acts = {s: trunk_views(model, gray[s], k, P["cache_views"] if s == "train" else 1,
-                               augmentation(P) if s == "train" else None, device) for s in gray}
-        features = {s: _top_features(top, acts[s][:, 0], device) for s in acts}
+                               augmentation(P) if s == "train" else None, device,
+                               path=None if scratch is None else scratch / f"trunk_{s}.npy") for s in gray}
+        features = {s: _top_features(top, acts[s], device, rows=rows if s == "train" else None) for s in acts}
     if out.recipe in ("probe", "lpft", "partial"):
         features = features or {}
-        feats = features["train"] if "train" in features else pooled_features(model, gray["train"], device)
-        w, b, clf = linear_probe(feats, y["train"], n_classes, balanced=P["class_weights"], c=P["probe_c"],
-                                 seed=P["seed"])
+        feats = features.get("train")
+        if feats is None:
+            feats = pooled_features(model, gray["train"], device, rows=rows)
+        elif rows is not None and len(feats) == len(y["train"]):  # a caller's features of every image
+            feats = feats[rows]
+        if rows is not None:
+            out.notes.append(f"The linear probe was fit on a class-stratified sample of {len(rows):,} of the "
+                             f"{len(y['train']):,} training images (`PROBE_MAX_IMAGES` in lib/recipes.py).")
+        w, b, clf = linear_probe(feats, y["train"] if rows is None else y["train"][rows], n_classes,
+                                 balanced=P["class_weights"], c=P["probe_c"], seed=P["seed"])
         set_head(model, w, b)
         if has_val:
             val_pred = clf.predict(features["val"] if "val" in features else pooled_features(model, gray["val"], device))
@@ -280,11 +355,31 @@ def _distributed_loaders(P: dict, train_set, val_set, dist, device):
 
 
 @torch.inference_mode()
-def _top_features(top: nn.Module, acts: np.ndarray, device, batch_size: int = 64) -> np.ndarray:
-    """Pooled features of cached trunk activations through the top blocks (in eval mode)."""
+def _top_features(top: nn.Module, acts, device, batch_size: int = 64, rows: np.ndarray | None = None) -> np.ndarray:
+    """Pooled features of the cached trunk activations' view 0 (the images themselves; or of those
+    `rows`) through the top blocks (in eval mode), read a batch at a time."""
     top.eval().to(device)
-    return np.concatenate([top.pool(torch.from_numpy(acts[i : i + batch_size].astype(np.float32)).to(device))
-                           .float().cpu().numpy() for i in range(0, len(acts), batch_size)])
+    take = (lambda i, j: acts[i:j, 0]) if rows is None else (lambda i, j: acts[rows[i:j], 0])
+    return batched(lambda i, j: top.pool(torch.from_numpy(take(i, j).astype(np.float32)).to(device)).float().cpu()
+                   .numpy(), len(acts) if rows is None else len(rows), batch_size)
+
+
+PROBE_MAX_IMAGES = 10_000  # the linear probe is fit on at most this many training images
+
+
+def probe_rows(y: np.ndarray, limit: int, seed: int) -> np.ndarray | None:
+    """The training rows the probe is fit on: all of them (None) up to `limit`, else a class-stratified
+    sample of `limit` (sorted), so that its features (5 KB an image) and the solver's memory stay
+    bounded whatever the number of images."""
+    if len(y) <= limit:
+        return None
+    from sklearn.model_selection import train_test_split
+
+    try:
+        keep, _ = train_test_split(np.arange(len(y)), train_size=limit, stratify=y, random_state=seed)
+    except ValueError:  # a class with a single image cannot be stratified: a plain random sample
+        keep = np.random.default_rng(seed).choice(len(y), size=limit, replace=False)
+    return np.sort(keep)
 
 
 def describe_weights(prepared: Trained, P: dict, device) -> str:
@@ -330,7 +425,8 @@ def train_and_checkpoint(P: dict, parts: dict, labels: list[str], prepared: Trai
     trained = train_recipe(P, {s: parts[s].gray for s in parts}, {s: parts[s].y for s in parts}, len(labels),
                            device=device, generator=generator,
                            on_best=checkpoint_writer(P, labels, prepared, checkpoint), build_dir=build_dir,
-                           prepared=prepared, resume=resume, resume_key=resume_key)
+                           scratch_dir=Path(build_dir) / "scratch", prepared=prepared, resume=resume,
+                           resume_key=resume_key)
     return trained, time.perf_counter() - started
 
 
@@ -364,8 +460,6 @@ def _launch(P: dict, labels: list[str], prepared: Trained, checkpoint, *, device
             resume_key) -> tuple[Trained, float]:
     """Training under torchrun (`lib.distributed.run`), read back as one process's result: the best
     checkpoint rank 0 wrote, its history and probe."""
-    from pathlib import Path
-
     from lib import distributed, model as net
 
     res = distributed.run(P, build_dir, Path(checkpoint).parent, resume=resume, resume_key=resume_key)
@@ -380,15 +474,15 @@ def _launch(P: dict, labels: list[str], prepared: Trained, checkpoint, *, device
 
 def resume_key(P: dict, build_dir) -> str:
     """What a saved training state must match to be resumed: the stage's parameters, the split, the
-    training code (lib/engine, recipes, model, presets, distributed) and a local weights file."""
+    training code (lib/engine, recipes, model, presets, distributed, cache, preprocess) and a local weights file."""
     import hashlib
-    from pathlib import Path
 
     from lib import io
 
     here = Path(__file__).resolve().parent
     parts = [io.dumps(P), io.file_digest(Path(build_dir) / "split" / "split.csv")]
-    parts += [io.file_digest(here / f"{m}.py") for m in ("engine", "recipes", "model", "presets", "distributed")]
+    parts += [io.file_digest(here / f"{m}.py") for m in ("engine", "recipes", "model", "presets", "distributed", "cache",
+                                                          "preprocess")]
     if Path(str(P["weights"])).is_file():
         parts.append(io.file_digest(P["weights"]))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
