@@ -81,7 +81,7 @@ audit: $(AUDIT) ## 02: duplicate detection and the leak-free split
 
 $(TRAIN): notebooks/03_training.ipynb $(STAGEPAR)/03_training.yaml $(AUDIT) $(LIB) $(call STAGE_RECORD,train)
 	$(RUN_NB)
-train: $(TRAIN) ## 03: train MobileNetV2
+train: $(TRAIN) ## 03: train the model the params name (default: EfficientNet-Lite0, recipe partial)
 
 $(EVAL): notebooks/04_evaluation.ipynb $(STAGEPAR)/04_evaluation.yaml $(TRAIN) $(LIB) $(call STAGE_RECORD,eval)
 	$(RUN_NB)

@@ -10,7 +10,11 @@ second, the median of three timed passes after a warm-up):
   the base input size, with 1 and 2 threads, with and without channels_last, and compiled with
   torch.compile where it runs on this CPU;
 - the `partial` recipe: caching the frozen trunk's activations (per view) and one training step of
-  the top blocks on them, at the base freeze_blocks.
+  the top blocks on them, at the base freeze_blocks; then its training loop as the engine runs it
+  (loader + step), with the activations in memory and on disk (`lib.cache`, the default since
+  datasets may outgrow memory), and the loader alone.
+
+`--partial-only` skips the whole-network rows (minutes).
 
 Prints a table and writes it as JSON; the README quotes it. Figures taken while other work runs on
 the machine are lower bounds: the load average is printed with them.
@@ -24,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,10 +71,26 @@ def step_fn(model, x, y, batch: int, fitted=None):
     return run
 
 
+def loop_fn(top, loader):
+    """One epoch of the engine's loop over `loader`: batches to channels_last, forward, backward, AdamW."""
+    opt = torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run():
+        top.train()
+        for xb, yb in loader:
+            loss = loss_fn(top(xb.contiguous(memory_format=torch.channels_last)), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "build" / "bench" / "training.json"))
+    ap.add_argument("--partial-only", action="store_true", help="only the partial recipe's rows")
     args = ap.parse_args()
     P = params.read_file(params.BASE)
     size, batch, n = P["image_size"], P["batch_size"], args.images
@@ -80,7 +101,7 @@ def main() -> None:
     t = torch.from_numpy(gray)
     rows.append({"what": "augmentation (train preset), 1 process", "images/s": rate(lambda: [augment(g) for g in t], n)})
     x = normalize(t)
-    for arch in ("efficientnet_lite0", "mobilenet_v2"):
+    for arch in () if args.partial_only else ("efficientnet_lite0", "mobilenet_v2"):
         for threads in (1, 2):
             for channels_last in (False, True):
                 torch.set_num_threads(threads)
@@ -110,6 +131,20 @@ def main() -> None:
     recipes.freeze(model, k)
     rows.append({"what": f"efficientnet_lite0 top-blocks step on cached activations (after unit {k})",
                  "images/s": rate(step_fn(model, acts.contiguous(memory_format=torch.channels_last), y, batch, top), n)})
+    views, bench_dir = P["cache_views"], claim(Path(args.out).parent, "benchmarks")
+    in_memory = recipes.trunk_views(model, gray, k, views, augment)
+    with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:
+        on_disk = recipes.trunk_views(model, gray, k, views, augment, path=Path(tmp) / "acts.npy")
+        rows.append({"what": f"efficientnet_lite0 trunk caching, per view, written to disk ({views} views)",
+                     "images/s": rate(lambda: recipes.trunk_views(model, gray, k, views, augment,
+                                                                  path=Path(tmp) / "again.npy"), n * views)})
+        for where, acts in (("in memory", in_memory), ("on disk", on_disk)):
+            loader = engine.make_loader(recipes.ViewDataset(acts, y.numpy()), batch_size=batch, train=True,
+                                        generator=torch.Generator().manual_seed(0))
+            rows.append({"what": f"partial training loop (loader + top-blocks step), activations {where}",
+                         "images/s": rate(loop_fn(top, loader), n)})
+            rows.append({"what": f"partial: the loader alone, activations {where}",
+                         "images/s": rate(lambda: [None for _ in loader], n)})
     info = {"image_size": size, "batch_size": batch, "images": n, "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
             "load_average": os.getloadavg(), "rows": rows}
@@ -117,7 +152,6 @@ def main() -> None:
         shown = "-" if r["images/s"] is None else f"{r['images/s']:8.1f}"
         print(f"{shown} images/s  {r['what']}" + (f"  ({r['note']})" if r.get("note") else ""))
     print(f"input {size} px, batch {batch}, load average {info['load_average']}")
-    claim(Path(args.out).parent, "benchmarks")
     write_json_atomic(args.out, info)
 
 
