@@ -250,16 +250,21 @@ def label_order(classes: list[str]) -> list[str]:
 
 
 def fingerprint_tree(root: str | Path) -> dict:
-    """A cheap fingerprint of every file under root (relative path, size, mtime)."""
+    """A cheap fingerprint of every file under root (relative path, size, mtime), walked folder by
+    folder in sorted order, so that memory holds one folder's names at a time."""
     import hashlib
 
     root = Path(root)
     h = hashlib.sha256()
     n = 0
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for folder, subfolders, names in os.walk(root):
+        subfolders.sort()
+        for name in sorted(names):
+            path = Path(folder) / name
+            if not path.is_file():  # a broken link, a socket
+                continue
+            st = path.stat()
+            h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             n += 1
     return {"root": str(root), "files": n, "sha256": h.hexdigest()}
 

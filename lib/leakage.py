@@ -94,12 +94,13 @@ def _as_int(h: imagehash.ImageHash) -> int:
     return int(np.packbits(h.hash.flatten()).view(">u8")[0])
 
 
-def fingerprints(paths, workers: int = 2) -> pd.DataFrame:
-    """fingerprint() of many files, in parallel over files."""
-    paths = list(paths)
+def fingerprints(paths, workers: int = 2, chunk: int = 2048) -> pd.DataFrame:
+    """fingerprint() of many files, in parallel over files; records become table rows `chunk` at a time."""
+    paths, columns = list(paths), ["sha256", "pixels", "phash", "dhash"]
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        rows = list(pool.map(fingerprint, paths, chunksize=32))
-    df = pd.DataFrame(rows, columns=["sha256", "pixels", "phash", "dhash"])
+        parts = [pd.DataFrame(list(pool.map(fingerprint, paths[i : i + chunk], chunksize=32)), columns=columns)
+                 for i in range(0, len(paths), chunk)]
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     for col in ("phash", "dhash"):
         df[col] = df[col].astype(np.uint64)
     return df
