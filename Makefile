@@ -20,8 +20,9 @@ STAGEPAR  := $(BUILD)/params
 DATASET   := $(BUILD)/dataset.json
 NB        := $(BUILD)/notebooks
 # A stage reruns when a key it declares changes (its prerequisite $(STAGEPAR)/<stage>.yaml), and runs
-# with the whole resolved set (all.yaml), which it records beside its artifacts.
-RUN_NB     = $(PY) -m lib.notebooks $< --params $(STAGEPAR)/all.yaml \
+# with the whole resolved set (all.yaml), which it records beside its artifacts. A cell may run a day: training
+# tens of thousands of images on a CPU takes hours (an hour's limit stopped a 50,000-image run).
+RUN_NB     = $(PY) -m lib.notebooks $< --params $(STAGEPAR)/all.yaml --timeout 86400 \
                --executed $(NB)/$(notdir $<) --html $@
 
 EDA    := $(REPORTS)/01_eda.html
