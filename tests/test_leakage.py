@@ -247,3 +247,31 @@ def test_make_split_of_unsplit_data_keeps_groups_whole(image_tree):
                                 dhash_threshold=6)
     assert not result.presplit and set(result.df["split"]) == {"train", "val", "test"}
     assert len(result.remaining) == 0 and result.conflicts.empty
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.sampled_from("abcde")), max_size=40))
+def test_equal_pairs_links_each_repeat_to_the_first_of_its_key(keys):
+    expected = []
+    first = {}
+    for i, k in enumerate(keys):
+        if k is None:
+            continue  # a missing key links nothing
+        if k in first:
+            expected.append([first[k], i])
+        else:
+            first[k] = i
+    got = leakage.equal_pairs(keys)
+    assert sorted(map(list, got.reshape(-1, 2).tolist())) == sorted(expected)
+
+
+def test_label_conflicts_are_the_groups_with_several_classes():
+    df = pd.DataFrame({"group": [0, 0, 1, 1, 2], "class": ["a", "b", "a", "a", "c"], "path": list("vwxyz")})
+    assert leakage.label_conflicts(df)["path"].tolist() == ["v", "w"]
+    assert leakage.label_conflicts(df.iloc[2:])["path"].tolist() == []
+
+
+def test_read_inventory_reads_only_the_audit_columns(tmp_path):
+    path = tmp_path / "inventory.csv"
+    pd.DataFrame({c: [1] for c in leakage.INVENTORY_COLUMNS + ["mean", "reason"]}).to_csv(path, index=False)
+    assert list(leakage.read_inventory(path).columns) == leakage.INVENTORY_COLUMNS
