@@ -244,15 +244,15 @@ def cross_split_matches(df: pd.DataFrame, phash_threshold: int, dhash_threshold:
     perceptual hashes compared across them. The result must be empty.
     """
     rows = []
+    cols = ["path", "sha256", "pixels", "name_key", "phash", "dhash"]
     for a_name, b_name in [("train", "val"), ("train", "test"), ("val", "test")]:
-        a, b = df[df["split"] == a_name], df[df["split"] == b_name]
+        a, b = df.loc[df["split"] == a_name, cols], df.loc[df["split"] == b_name, cols]
         for det, col in (("sha256", "sha256"), ("pixels", "pixels"), ("name", "name_key")):
-            shared = set(a[col]) & set(b[col])
-            for key in shared:
-                for fa in a.loc[a[col] == key, "path"]:
-                    for fb in b.loc[b[col] == key, "path"]:
-                        rows.append({"detector": det, "split_a": a_name, "file_a": fa,
-                                     "split_b": b_name, "file_b": fb})
+            hit = a.loc[a[col].isin(b[col]), [col, "path"]]  # a hash lookup: no set of every key
+            if len(hit):
+                same = hit.merge(b.loc[b[col].isin(hit[col]), [col, "path"]], on=col, suffixes=("_a", "_b"))
+                rows += [{"detector": det, "split_a": a_name, "file_a": fa, "split_b": b_name, "file_b": fb}
+                         for fa, fb in zip(same["path_a"], same["path_b"])]
         near = {"phash": hamming_pairs(a["phash"].to_numpy(np.uint64), phash_threshold, b["phash"].to_numpy(np.uint64)),
                 "dhash": dhash_pairs(a, dhash_threshold, phash_threshold, b)}
         for det, hp in near.items():

@@ -101,7 +101,7 @@ SCHEMA: dict[str, Param] = {
     "cache_views": Param(int, "recipe partial: views per training image whose trunk activations are cached (the "
                               "image itself and cache_views - 1 augmented draws)"),
     "probe_c": Param(_NUM, "inverse L2 strength of the linear probe's logistic regression (on standardised features)"),
-    "body_lr_mult": Param(_NUM, "lpft: the body's learning rate as a fraction of lr (the head gets lr)"),
+    "body_lr_mult": Param(_NUM, "lpft and partial: the trained body blocks' learning rate as a fraction of lr (the head gets lr)"),
     "freeze_blocks": Param(int, "blocks of the body, stem first, kept frozen while fine-tuning (0 = none)"),
     "label_smoothing": Param(_NUM, "label smoothing of the cross-entropy (0 = off)"),
     "ema_decay": Param(_NUM, "exponential moving average of the weights per step, evaluated and saved (0 = off)"),
