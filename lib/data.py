@@ -142,15 +142,19 @@ def inspect_file(path: str) -> dict:
 
 def inventory(root: str | Path, classes: list[str], workers: int = 2, chunk: int = 2048,
               **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """list_images (kwargs go to it) + inspect_file for each file, in parallel over files; the
-    per-file records become table rows `chunk` files at a time (a record as a dict costs ~20x its row)."""
+    """list_images (kwargs go to it) + inspect_file for each file (`table_of`)."""
     files, unmatched = list_images(root, classes, **kwargs)
-    paths = files["path"].tolist()
+    return pd.concat([files, table_of(inspect_file, files["path"], workers=workers, chunk=chunk)], axis=1), unmatched
+
+
+def table_of(fn, items, workers: int = 2, chunk: int = 2048, columns: list[str] | None = None) -> pd.DataFrame:
+    """fn(item) -> dict for each item, in parallel over items (a process pool), as one table; the
+    records become rows `chunk` items at a time (a record as a dict costs about 20x its table row)."""
+    items = list(items)
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        infos = [pd.DataFrame(pool.map(inspect_file, paths[i : i + chunk], chunksize=32))
-                 for i in range(0, len(paths), chunk)]
-    infos = pd.concat(infos, ignore_index=True).infer_objects() if infos else pd.DataFrame()
-    return pd.concat([files, infos], axis=1), unmatched
+        parts = [pd.DataFrame(list(pool.map(fn, items[i : i + chunk], chunksize=32)), columns=columns)
+                 for i in range(0, len(items), chunk)]
+    return pd.concat(parts, ignore_index=True).infer_objects() if parts else pd.DataFrame(columns=columns)
 
 
 def describe_layout(inventory: pd.DataFrame) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import imagehash
@@ -32,7 +31,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lib.data import DataError
+from lib.data import DataError, table_of
 from lib.preprocess import decode, to_gray
 
 DETECTORS = ("sha256", "pixels", "name", "phash", "dhash")
@@ -95,12 +94,8 @@ def _as_int(h: imagehash.ImageHash) -> int:
 
 
 def fingerprints(paths, workers: int = 2, chunk: int = 2048) -> pd.DataFrame:
-    """fingerprint() of many files, in parallel over files; records become table rows `chunk` at a time."""
-    paths, columns = list(paths), ["sha256", "pixels", "phash", "dhash"]
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        parts = [pd.DataFrame(list(pool.map(fingerprint, paths[i : i + chunk], chunksize=32)), columns=columns)
-                 for i in range(0, len(paths), chunk)]
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    """fingerprint() of many files, in parallel over files (`data.table_of`)."""
+    df = table_of(fingerprint, paths, workers=workers, chunk=chunk, columns=["sha256", "pixels", "phash", "dhash"])
     for col in ("phash", "dhash"):
         df[col] = df[col].astype(np.uint64)
     return df
