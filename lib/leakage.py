@@ -84,13 +84,15 @@ def fingerprint(path: str) -> dict:
     return {
         "sha256": hashlib.sha256(raw).hexdigest(),
         "pixels": pix,
-        "phash": _as_int(imagehash.phash(im8, hash_size=8)),
-        "dhash": _as_int(imagehash.dhash(im8, hash_size=8)),
+        "phash": _as_uint64(imagehash.phash(im8, hash_size=8)),
+        "dhash": _as_uint64(imagehash.dhash(im8, hash_size=8)),
     }
 
 
-def _as_int(h: imagehash.ImageHash) -> int:
-    return int(np.packbits(h.hash.flatten()).view(">u8")[0])
+def _as_uint64(h: imagehash.ImageHash) -> np.uint64:
+    # a numpy uint64, not an int: a table built from ints below 2**63 is int64, and one concatenated
+    # with a uint64 table becomes float64, which loses a hash's low bits
+    return np.uint64(np.packbits(h.hash.flatten()).view(">u8")[0])
 
 
 def fingerprints(paths, workers: int = 2, chunk: int = 2048) -> pd.DataFrame:

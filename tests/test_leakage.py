@@ -275,3 +275,19 @@ def test_read_inventory_reads_only_the_audit_columns(tmp_path):
     path = tmp_path / "inventory.csv"
     pd.DataFrame({c: [1] for c in leakage.INVENTORY_COLUMNS + ["mean", "reason"]}).to_csv(path, index=False)
     assert list(leakage.read_inventory(path).columns) == leakage.INVENTORY_COLUMNS
+
+
+def test_fingerprints_keep_every_hash_bit_across_chunks(tmp_path):
+    # brightness rising or falling to the right: every dHash bit the same, 0 for one (below 2**63) and
+    # 1 for the other. Chunks of one file each must not turn the hash column into floats.
+    ramp = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    paths = []
+    for name, img in (("up", ramp), ("down", ramp[:, ::-1]), ("up2", ramp.T)):
+        Image.fromarray(np.ascontiguousarray(img)).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    one = [leakage.fingerprint(p) for p in paths]
+    assert {int(one[0]["dhash"]), int(one[1]["dhash"])} == {0, 2**64 - 1}
+    got = leakage.fingerprints(paths, workers=1, chunk=1)
+    assert got["dhash"].dtype == np.uint64 and got["phash"].dtype == np.uint64
+    assert [int(v) for v in got["dhash"]] == [int(f["dhash"]) for f in one]
+    assert [int(v) for v in got["phash"]] == [int(f["phash"]) for f in one]
