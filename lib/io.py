@@ -182,7 +182,9 @@ def claim(folder: str | Path, what: str) -> Path:
             if record.get("what") == "parent folder" and what != "parent folder":
                 _write_marker(folder, what)
             return folder
-        entries = _entries(folder)
+        # another process of the project claiming the same new folder (torchrun ranks) may be
+        # writing its marker: that temporary file is the project's, not a stranger's
+        entries = [p for p in _entries(folder) if not (p.name.startswith(f".{MARKER}.") and p.name.endswith(".tmp"))]
         if entries:
             raise OwnershipError(
                 f"{folder} ({what}) already holds files the project did not create ({_describe(entries)}). "

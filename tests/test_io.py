@@ -153,3 +153,20 @@ def test_a_nested_build_folder_makes_its_parent_the_projects(tmp_path):
     io.claim(tmp_path / "build", "build folder")  # not refused
     assert io.marker(tmp_path / "build")["what"] == "build folder"
     assert tmp_path.exists() and io.marker(tmp_path) is None  # an existing ancestor is not taken over
+
+
+def test_claim_accepts_a_folder_another_process_is_claiming(tmp_path):
+    # torchrun ranks claim the same new cache folder at once: one may find the other's marker
+    # still being written (an atomic write's temporary file) and must not call it a stranger's
+    racing = tmp_path / "cache"
+    racing.mkdir()
+    (racing / f".{MARKER}.k2j4x9.tmp").write_text("{")
+    assert io.claim(racing, "decoded-image cache") == racing.absolute()
+    assert io.marker(racing)["what"] == "decoded-image cache"
+    stranger = tmp_path / "theirs"
+    stranger.mkdir()
+    (stranger / f".{MARKER}.k2j4x9.tmp").write_text("{")
+    (stranger / "notes.txt").write_text("x")
+    with pytest.raises(OwnershipError, match="notes.txt"):
+        io.claim(stranger, "decoded-image cache")
+
