@@ -32,12 +32,20 @@ OWNER = "sem-defects"
 _PLACEHOLDERS = {".gitkeep"}
 
 
+_TMP = ".tmp"
+
+
+def _in_flight(path: Path, name: str) -> bool:
+    """Whether `path` is an `atomic_path` temporary file for a file called `name` (being written)."""
+    return path.name.startswith(f".{name}.") and path.name.endswith(_TMP)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; artifacts are ordinary files
@@ -184,7 +192,7 @@ def claim(folder: str | Path, what: str) -> Path:
             return folder
         # another process of the project claiming the same new folder (torchrun ranks) may be
         # writing its marker: that temporary file is the project's, not a stranger's
-        entries = [p for p in _entries(folder) if not (p.name.startswith(f".{MARKER}.") and p.name.endswith(".tmp"))]
+        entries = [p for p in _entries(folder) if not _in_flight(p, MARKER)]
         if entries:
             raise OwnershipError(
                 f"{folder} ({what}) already holds files the project did not create ({_describe(entries)}). "
