@@ -1,5 +1,8 @@
 """Each detector finds its planted copy, distinct images stay apart, and groups never cross splits."""
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -291,3 +294,20 @@ def test_fingerprints_keep_every_hash_bit_across_chunks(tmp_path):
     assert got["dhash"].dtype == np.uint64 and got["phash"].dtype == np.uint64
     assert [int(v) for v in got["dhash"]] == [int(f["dhash"]) for f in one]
     assert [int(v) for v in got["phash"]] == [int(f["phash"]) for f in one]
+
+
+def test_split_csv_holds_every_hash_as_hex_whatever_the_write_chunk(image_tree, tmp_path):
+    root, classes = image_tree(n=8)
+    files, _ = data.list_images(root, classes)
+    df, _ = leakage.audit(files.assign(width=64, height=64), 6, 6, workers=1)
+    result = leakage.make_split(df, val_ratio=0.15, test_ratio=0.15, seed=0, on_leak="fail", phash_threshold=6,
+                                dhash_threshold=6)
+    (tmp_path / "one").mkdir(), (tmp_path / "many").mkdir()
+    leakage.save_split(result, tmp_path / "one")
+    leakage.save_split(result, tmp_path / "many", chunk=3)  # 3 rows a chunk: one header, every row once
+    assert (tmp_path / "one" / "split.csv").read_bytes() == (tmp_path / "many" / "split.csv").read_bytes()
+    split = pd.read_csv(tmp_path / "many" / "split.csv")
+    assert len(split) == len(result.df) and split["path"].tolist() == result.df["path"].tolist()
+    for path, digest in zip(split["path"], split["sha256"]):
+        assert digest == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    assert split["pixels"].str.fullmatch("[0-9a-f]{64}").all() and split["phash"].str.fullmatch("[0-9a-f]{16}").all()
