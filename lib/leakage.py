@@ -167,7 +167,9 @@ def nearest_hamming(hashes: np.ndarray, cells: int = 1 << 18) -> np.ndarray:
 
 def equal_pairs(keys) -> np.ndarray:
     """Index pairs that share a key (each member linked to the first of its key)."""
-    codes = pd.factorize(np.asarray(keys, dtype=object))[0]  # per key, one code (no per-key objects: 50,000 keys, 2 MB)
+    if not isinstance(keys, (pd.Series, pd.Index, np.ndarray)):
+        keys = pd.Series(list(keys), dtype=object)
+    codes = pd.factorize(keys)[0]  # per key, one code (no per-key objects: 50,000 keys, 2 MB)
     uniq, first_at = np.unique(codes, return_index=True)
     first = first_at[np.searchsorted(uniq, codes)]
     idx = np.arange(len(codes))
@@ -372,7 +374,7 @@ def save_split(result: "SplitResult", folder, chunk: int = 4096) -> None:
     from pathlib import Path
 
     cols = ["path", "class", "split", "group", "sha256", "pixels", "phash", "dhash", "name_key", "width", "height"]
-    with open(Path(folder) / "split.csv", "w", newline="") as f:
+    with open(Path(folder) / "split.csv", "w", newline="", encoding="utf-8") as f:
         for start in range(0, max(len(result.df), 1), chunk):
             out = result.df[cols].iloc[start:start + chunk].copy()
             for col in ("phash", "dhash"):
@@ -417,15 +419,18 @@ def make_split(df: pd.DataFrame, *, val_ratio: float, test_ratio: float, seed: i
     if on_leak not in ("fail", "drop", "report"):
         raise ValueError(f"on_leak must be fail, drop or report, got {on_leak!r}")
     conflicts = label_conflicts(df)
-    df = (df[~df.index.isin(conflicts.index)] if len(conflicts) else df).reset_index(drop=True)  # no needless copy
-    presplit = bool(df["given_split"].notna().any())
+    keep = ~df.index.isin(conflicts.index)
+    presplit = bool(df.loc[keep, "given_split"].notna().any())
     empty = pd.DataFrame(columns=["detector", "split_a", "file_a", "split_b", "file_b"])
+    if not presplit:  # split first: the table's copy then never meets the split's own working memory
+        split = split_groups(df["class"].to_numpy()[keep], df["group"].to_numpy()[keep], val_ratio=val_ratio,
+                             test_ratio=test_ratio, seed=seed)
+    df = (df[keep] if len(conflicts) else df).reset_index(drop=True)  # no copy without conflicts
     leaks, dropped, carved = empty, df.iloc[:0], []
     if not presplit:
-        df = df.assign(split=split_groups(df["class"], df["group"], val_ratio=val_ratio, test_ratio=test_ratio,
-                                          seed=seed))
+        df = df.assign(split=split)
     else:
-        df = df.assign(split=df["given_split"])
+        df = df.assign(split=df["given_split"].astype(object))  # plain labels, as in the unsplit case
         leaks = cross_split_matches(df, phash_threshold, dhash_threshold)
         if on_leak == "drop" and len(leaks):
             dropped = drop_leaks(df, leaks)
