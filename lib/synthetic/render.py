@@ -80,17 +80,18 @@ def render_image(seed: int, cls: str, index: int, *, size: int = 224, min_visibi
             sc = _build_scene(cv, cls, np.random.default_rng(seeds[1]), r_def, geo)
             rn = np.random.default_rng(seeds[3])
             Y = _signal(sc, ip, rn)
-            v = visibility(Y, reference, ip)
+            stain = set(geo.get("defect", "").split("+")) == {"others/residue"}
+            v = visibility(Y, reference, ip, stain)
             if best is None or v["visibility"] > best[0]["visibility"]:
-                best = (v, geo, Y, rn, draw)
+                best = (v, geo, Y, rn, stain)
             if v["visibility"] >= floor:
                 break
-        v, geo, Y, rn, _ = best
+        v, geo, Y, rn, stain = best
         gain = 1.0
         if 0 < v["visibility"] < floor:  # no draw reached the floor: the defect's own contrast is raised to it
             gain = floor / v["visibility"] * (1 + 1e-4)  # the margin survives float32 rounding
             Y = reference + _F32(gain) * (Y - reference)
-            v = visibility(Y, reference, ip)
+            v = visibility(Y, reference, ip, stain)
         img = _record(Y, ip, rn)
         # draws made (the most visible is kept) and the contrast gain it then needed (1 when none)
         vis = {**v, "subtle": subtle, "visibility_draws": draw + 1, "contrast_gain": gain}

@@ -156,8 +156,11 @@ def _build_scene(cv: _Canvas, cls: str, r_lay, r_def, params: dict) -> _Scene:
         menu = {"line_space": (("particle", "residue", "missing_pattern", "collapse"), (0.35, 0.25, 0.2, 0.2)),
                 "contact_array": (("particle", "residue"), (0.6, 0.4)),
                 "planar": (("particle", "residue", "pinholes"), (0.45, 0.3, 0.25))}[layout]
-        for _ in range(n_def):
-            kind = menu[0][int(np.searchsorted(np.cumsum(menu[1]), r_def.random() * 0.999999, side="right"))]
+        # what the defects are comes from the layout's stream, so a redraw for visibility (a new r_def)
+        # changes where and how strong they are, never what they are: faint stains stay stains
+        r_kind = np.random.default_rng(int(r_lay.integers(2**32)))
+        for _ in range(int(r_kind.integers(1, 4))):
+            kind = menu[0][int(np.searchsorted(np.cumsum(menu[1]), r_kind.random() * 0.999999, side="right"))]
             if kind == "particle":
                 count += _place(cv, lambda: _particle(sc, r_def, (8, 40)))
             elif kind == "residue":
