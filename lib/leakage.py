@@ -64,15 +64,36 @@ def _stem(path) -> str:
     return re.sub(r"\.[^.]+$", "", str(path).replace("\\", "/").rsplit("/", 1)[-1])
 
 
+def _family(path, cls) -> str:
+    return f"{cls}/{_strip(_stem(path))}"
+
+
+def _numbered(keys: list[str]) -> np.ndarray:
+    """Which keys end in a "-N" whose shorter key exists too (those lose the "-N")."""
+    present = set(keys)  # the keys themselves (no pair per file: 50,000 of them held 5 MB at once)
+    return np.fromiter(((base := _NUMBERED.sub("", k)) != k and base in present for k in keys), bool, len(keys))
+
+
+def _name_key(path, cls, numbered: bool) -> str:
+    key = _family(path, cls)
+    return _NUMBERED.sub("", key) if numbered else key
+
+
 def name_keys(paths, classes) -> list[str]:
     """Normalised `class/stem` family key for each file."""
-    keys = [f"{c}/{_strip(_stem(p))}" for p, c in zip(paths, classes)]
-    present = set(keys)  # the keys themselves (no pair per file: 50,000 of them held 5 MB at once)
-    for i, key in enumerate(keys):
-        base = _NUMBERED.sub("", key)
-        if base != key and base in present:
-            keys[i] = base
-    return keys
+    keys = [_family(p, c) for p, c in zip(paths, classes)]
+    return [_NUMBERED.sub("", k) if n else k for k, n in zip(keys, _numbered(keys))]
+
+
+def name_key_codes(paths, classes) -> tuple[np.ndarray, np.ndarray]:
+    """The name keys as integer codes (equal keys, equal codes) and which keys lost a "-N"; the
+    audit holds these instead of the strings (about 4 MB at 50,000 files, at the audit's peak)
+    and `save_split` rebuilds each key from its path, class and flag."""
+    keys = [_family(p, c) for p, c in zip(paths, classes)]
+    numbered = _numbered(keys)
+    codes = pd.factorize(pd.Series([_NUMBERED.sub("", k) if n else k for k, n in zip(keys, numbered)],
+                                   dtype=object))[0].astype(np.int32)
+    return codes, numbered
 
 
 def fingerprint(path: str) -> dict:
@@ -320,11 +341,11 @@ def read_inventory(path) -> pd.DataFrame:
 def audit(files: pd.DataFrame, phash_threshold: int, dhash_threshold: int, workers: int = 2
           ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Fingerprint readable files (rows with path and class), link duplicates with every detector
-    and group them: returns (files with sha256, pixels, phash, dhash, name_key and group columns,
-    linked index pairs per detector)."""
+    and group them: returns (files with sha256, pixels, phash, dhash, name_key (integer codes: see
+    `name_key_codes`), name_numbered and group columns, linked index pairs per detector)."""
     df = files.reset_index(drop=True)
     df = pd.concat([df, fingerprints(df["path"], workers=workers)], axis=1)
-    df["name_key"] = name_keys(df["path"], df["class"])
+    df["name_key"], df["name_numbered"] = name_key_codes(df["path"], df["class"])
     pairs = find_pairs(df, phash_threshold, dhash_threshold)
     df["group"] = group_ids(len(df), pairs)
     return df, pairs
@@ -381,6 +402,9 @@ def save_split(result: "SplitResult", folder, chunk: int = 4096) -> None:
                 out[col] = [f"{int(v):016x}" for v in out[col]]
             for col in ("sha256", "pixels"):
                 out[col] = [v.hex() for v in out[col]]
+            if "name_numbered" in result.df:  # the audit's codes: the keys are rebuilt
+                out["name_key"] = [_name_key(p, c, n) for p, c, n in
+                                   zip(out["path"], out["class"], result.df["name_numbered"].iloc[start:start + chunk])]
             out.to_csv(f, index=False, header=start == 0)
     result.conflicts.reindex(columns=["path", "class", "group"]).to_csv(Path(folder) / "conflicts.csv", index=False)
 

@@ -298,6 +298,8 @@ def test_fingerprints_keep_every_hash_bit_across_chunks(tmp_path):
 
 def test_split_csv_holds_every_hash_as_hex_whatever_the_write_chunk(image_tree, tmp_path):
     root, classes = image_tree(n=8)
+    (root / "bridge" / "bridge_001.png").rename(root / "bridge" / "bridge_000-1.png")  # joins bridge_000
+    (root / "vias" / "vias_002.png").rename(root / "vias" / "vias_002-1.png")  # a numbered original
     files, _ = data.list_images(root, classes)
     df, _ = leakage.audit(files.assign(width=64, height=64), 6, 6, workers=1)
     result = leakage.make_split(df, val_ratio=0.15, test_ratio=0.15, seed=0, on_leak="fail", phash_threshold=6,
@@ -310,4 +312,9 @@ def test_split_csv_holds_every_hash_as_hex_whatever_the_write_chunk(image_tree, 
     assert len(split) == len(result.df) and split["path"].tolist() == result.df["path"].tolist()
     for path, digest in zip(split["path"], split["sha256"]):
         assert digest == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    # the audit holds name keys as codes; split.csv gets the keys themselves back
+    assert split["name_key"].tolist() == leakage.name_keys(split["path"], split["class"])
+    assert "bridge/bridge_000" in set(split["name_key"]) and "vias/vias_002-1" in set(split["name_key"])
+    keys = dict(zip(split["path"].map(lambda p: Path(p).name), split["name_key"]))
+    assert keys["bridge_000.png"] == keys["bridge_000-1.png"] == "bridge/bridge_000"
     assert split["pixels"].str.fullmatch("[0-9a-f]{64}").all() and split["phash"].str.fullmatch("[0-9a-f]{16}").all()
