@@ -123,8 +123,10 @@ SCHEMA: dict[str, Param] = {
     "aug_resolution": Param(_NUM, "down-up sampling to a random fraction of the side, at least this (0 = off)"),
     "aug_gamma": Param(_NUM, "largest |log gamma| of a random gamma curve (0 = off; 0.4 spans gamma 0.67-1.49)"),
     "aug_jpeg": Param(int, "lowest JPEG quality of a random re-compression (0 = off)"),
-    "aug_flip": Param(bool, "random horizontal and vertical flips (off: defect geometry is not mirror-invariant in general)"),
-    "aug_rot90": Param(bool, "random rotations by multiples of 90 degrees (off: line/space patterns have an orientation)"),
+    "aug_flip": Param(bool, "random horizontal and vertical flips (check for your data: SEM scan direction and shading are not "
+                  "symmetric; on in the default run, where every layout comes in both orientations)"),
+    "aug_rot90": Param(bool, "random rotations by multiples of 90 degrees (check for your data: line/space patterns have an "
+                   "orientation; on in the default run, where they come in both)"),
     "aug_shot": Param(_NUM, "shot noise on half the images at a peak of this many to 10x as many electrons per "
                             "pixel (0 = off)"),
     "device": Param(str, "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
