@@ -79,6 +79,13 @@ def _name_key(path, cls, numbered: bool) -> str:
     return _NUMBERED.sub("", key) if numbered else key
 
 
+def _key_strings(df: pd.DataFrame) -> list[str]:
+    """df's name keys as strings: rebuilt when the audit holds them as codes (`name_numbered` present)."""
+    if "name_numbered" not in df:
+        return df["name_key"].tolist()
+    return [_name_key(p, c, n) for p, c, n in zip(df["path"], df["class"], df["name_numbered"])]
+
+
 def name_keys(paths, classes) -> list[str]:
     """Normalised `class/stem` family key for each file."""
     keys = [_family(p, c) for p, c in zip(paths, classes)]
@@ -356,7 +363,7 @@ def representatives(df: pd.DataFrame) -> np.ndarray:
     original), else the first file by path: a boolean mask over df (which needs path, name_key, group)."""
     from pathlib import Path
 
-    copy = np.array([Path(p).stem.lower() != k.split("/", 1)[1] for p, k in zip(df["path"], df["name_key"])])
+    copy = np.array([Path(p).stem.lower() != k.split("/", 1)[1] for p, k in zip(df["path"], _key_strings(df))])
     order = df.assign(_copy=copy).sort_values(["group", "_copy", "path"])
     mask = np.zeros(len(df), bool)
     mask[df.index.get_indexer(order.drop_duplicates("group").index)] = True
@@ -402,9 +409,7 @@ def save_split(result: "SplitResult", folder, chunk: int = 4096) -> None:
                 out[col] = [f"{int(v):016x}" for v in out[col]]
             for col in ("sha256", "pixels"):
                 out[col] = [v.hex() for v in out[col]]
-            if "name_numbered" in result.df:  # the audit's codes: the keys are rebuilt
-                out["name_key"] = [_name_key(p, c, n) for p, c, n in
-                                   zip(out["path"], out["class"], result.df["name_numbered"].iloc[start:start + chunk])]
+            out["name_key"] = _key_strings(result.df.iloc[start:start + chunk])
             out.to_csv(f, index=False, header=start == 0)
     result.conflicts.reindex(columns=["path", "class", "group"]).to_csv(Path(folder) / "conflicts.csv", index=False)
 
