@@ -86,21 +86,23 @@ def _key_strings(df: pd.DataFrame) -> list[str]:
     return [_name_key(p, c, n) for p, c, n in zip(df["path"], df["class"], df["name_numbered"])]
 
 
+def _keys_and_flags(paths, classes) -> tuple[list[str], np.ndarray]:
+    keys = [_family(p, c) for p, c in zip(paths, classes)]
+    numbered = _numbered(keys)
+    return [_NUMBERED.sub("", k) if n else k for k, n in zip(keys, numbered)], numbered
+
+
 def name_keys(paths, classes) -> list[str]:
     """Normalised `class/stem` family key for each file."""
-    keys = [_family(p, c) for p, c in zip(paths, classes)]
-    return [_NUMBERED.sub("", k) if n else k for k, n in zip(keys, _numbered(keys))]
+    return _keys_and_flags(paths, classes)[0]
 
 
 def name_key_codes(paths, classes) -> tuple[np.ndarray, np.ndarray]:
     """The name keys as integer codes (equal keys, equal codes) and which keys lost a "-N"; the
     audit holds these instead of the strings (about 4 MB at 50,000 files, at the audit's peak)
     and `save_split` rebuilds each key from its path, class and flag."""
-    keys = [_family(p, c) for p, c in zip(paths, classes)]
-    numbered = _numbered(keys)
-    codes = pd.factorize(pd.Series([_NUMBERED.sub("", k) if n else k for k, n in zip(keys, numbered)],
-                                   dtype=object))[0].astype(np.int32)
-    return codes, numbered
+    keys, numbered = _keys_and_flags(paths, classes)
+    return pd.factorize(pd.Series(keys, dtype=object))[0].astype(np.int32), numbered
 
 
 def fingerprint(path: str) -> dict:
@@ -404,12 +406,13 @@ def save_split(result: "SplitResult", folder, chunk: int = 4096) -> None:
     cols = ["path", "class", "split", "group", "sha256", "pixels", "phash", "dhash", "name_key", "width", "height"]
     with open(Path(folder) / "split.csv", "w", newline="", encoding="utf-8") as f:
         for start in range(0, max(len(result.df), 1), chunk):
-            out = result.df.iloc[start:start + chunk][cols].copy()
+            part = result.df.iloc[start:start + chunk]
+            out = part[cols].copy()
             for col in ("phash", "dhash"):
                 out[col] = [f"{int(v):016x}" for v in out[col]]
             for col in ("sha256", "pixels"):
                 out[col] = [v.hex() for v in out[col]]
-            out["name_key"] = _key_strings(result.df.iloc[start:start + chunk])
+            out["name_key"] = _key_strings(part)
             out.to_csv(f, index=False, header=start == 0)
     result.conflicts.reindex(columns=["path", "class", "group"]).to_csv(Path(folder) / "conflicts.csv", index=False)
 
