@@ -182,6 +182,9 @@ def model_card(*, title: str, date: str, dataset: dict, params: dict, trained_wi
     def points(v):
         return "n/a" if v is None else f"{100 * v:.2f}"
 
+    bc = int8.get("bias_correction")
+    bias_note = (f"; biases of {bc['corrected']} of {bc['convolutions']} convolutions corrected for the weights' rounding"
+                 if bc else "")
     verdict = ("fit for use" if int8["fit"] else "**NOT FIT for use** (" + "; ".join(int8["reasons"]) +
                "); deploy model.onnx (FP32) instead")
     param_rows = "\n".join(f"| `{k}` | `{params[k]}` |" for k in sorted(params))
@@ -210,7 +213,7 @@ Date: {date}
 |---|---|
 {size_rows}
 
-`model.int8.onnx`: static INT8 (ONNX Runtime QDQ, per-channel weights), setting `{int8['setting']}`,
+`model.int8.onnx`: static INT8 (ONNX Runtime QDQ, per-channel weights{bias_note}), setting `{int8['setting']}`,
 calibrated on {int8['calibration_images']} training images, chosen on the {int8['chosen_on']} split. On that split its
 macro recall drops by {points(int8['macro_recall_drop'])} points (limit {points(int8['max_recall_drop'])}) and its miss
 rate rises by {points(int8['miss_rate_rise'])} points (limit {points(int8['max_miss_rise'])}): the INT8 model is {verdict}.

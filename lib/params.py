@@ -161,6 +161,8 @@ SCHEMA: dict[str, Param] = {
     "calibration_images": Param(int, "training images that calibrate the INT8 activation ranges"),
     "quant_calibrations": Param(list, "INT8 calibration methods compared: MinMax, Entropy, Percentile (each with "
                                       "S8S8 / U8S8 and with / without reduce_range)"),
+    "int8_bias_correction": Param(bool, "correct every convolution's bias for the mean shift its weights' int8 "
+                                        "rounding causes, measured on the calibration images, before quantising"),
     "int8_max_recall_drop": Param(_NUM, "largest acceptable validation macro-recall drop of INT8 vs FP32 (0.01 = 1 "
                                         "point); beyond it the INT8 model is marked not fit"),
     "int8_max_miss_rise": Param(_NUM, "largest acceptable validation rise in miss rate (defects called clean) of INT8 "

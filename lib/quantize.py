@@ -15,6 +15,11 @@ What is searched, because it is what matters on x86 CPUs:
 
 Each calibration method runs once (its ranges are cached) and serves the four type /
 reduce_range variants.
+
+Before quantising, `bias_correct` can remove the mean shift that rounding the weights to int8
+puts on every convolution's output (bias correction, Nagel et al. 2019, "Data-Free Quantization
+Through Weight Equalization and Bias Correction", section 4.2, with each convolution's input
+means measured on the calibration images).
 """
 
 from __future__ import annotations
@@ -116,6 +121,79 @@ def preprocess(fp32: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
+def _weight_qmax(reduce_range: bool) -> int:
+    """Largest int8 weight magnitude ONNX Runtime uses for symmetric per-channel weights: 127, or 64 with reduce_range."""
+    return 64 if reduce_range else 127
+
+
+def rounded_weight(w: np.ndarray, reduce_range: bool = False) -> np.ndarray:
+    """A convolution weight as ONNX Runtime's symmetric per-output-channel int8 quantisation leaves it (dequantised)."""
+    qmax = _weight_qmax(reduce_range)
+    absmax = np.abs(w).reshape(w.shape[0], -1).max(1)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0).reshape((-1,) + (1,) * (w.ndim - 1))
+    return (np.clip(np.round(w / scale), -qmax, qmax) * scale).astype(w.dtype)
+
+
+def input_means(model_path: str | Path, tensors: list[str], x: np.ndarray, batch_size: int = 10) -> dict:
+    """Per-channel means of named intermediate tensors (N, C, ...) of the FP32 model over the images x,
+    accumulated batch by batch (nothing but the running sums is kept)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in tensors if t not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0].name
+    sums, count = {}, 0
+    for i in range(0, len(x), batch_size):
+        batch = np.ascontiguousarray(x[i : i + batch_size], np.float32)
+        for name, value in zip(tensors, session.run(tensors, {feed: batch})):
+            axes = (0,) + tuple(range(2, value.ndim))
+            sums[name] = sums.get(name, 0.0) + value.astype(np.float64).sum(axis=axes) / np.prod(value.shape[2:])
+        count += len(batch)
+    return {name: total / count for name, total in sums.items()}
+
+
+def bias_correct(prepared: str | Path, out: str | Path, calib_x: np.ndarray, *, reduce_range: bool = False) -> dict:
+    """Write to `out` the model with every convolution's bias corrected for its weights' int8 rounding.
+
+    Rounding the weights W to Wq shifts a convolution's mean output by (Wq - W) . E[x]; subtracting
+    that from the bias, with E[x] the per-channel input means over the calibration images, removes
+    the shift (grouped and depthwise convolutions included; zero padding is ignored). Which
+    weights ONNX Runtime will round, and how, is `rounded_weight` (per output channel, symmetric,
+    7-bit with reduce_range). Convolutions without a constant weight and bias are left as they are.
+    Returns how many convolutions were corrected, of how many, and the mean absolute correction.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    if len(calib_x) == 0:
+        raise ValueError("no calibration images")
+    model = onnx.load(str(prepared))
+    inits = {i.name: i for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    fixable = [n for n in convs if len(n.input) > 2 and n.input[1] in inits and n.input[2] in inits]
+    means = input_means(prepared, sorted({n.input[0] for n in fixable}), calib_x)
+    shifts = []
+    for node in fixable:
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        dw = (rounded_weight(w, reduce_range) - w).reshape(w.shape[0], w.shape[1], -1).sum(2)  # (Cout, Cin / groups)
+        ex = means[node.input[0]].reshape(groups, w.shape[1])[np.arange(w.shape[0]) // (w.shape[0] // groups)]
+        shift = (dw * ex).sum(1).astype(np.float32)
+        inits[node.input[2]].CopyFrom(numpy_helper.from_array(b - shift, node.input[2]))
+        shifts.append(np.abs(shift).mean())
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
+    return {"corrected": len(fixable), "convolutions": len(convs),
+            "mean_abs_shift": float(np.mean(shifts)) if shifts else 0.0}
+
+
 def classifier_nodes(model_path: str | Path) -> list[str]:
     """The nodes that compute the graph's outputs from a matrix product (the linear classifier)."""
     import onnx
@@ -207,18 +285,21 @@ def gate(loss: dict, *, max_recall_drop: float, max_miss_rise: float) -> dict:
             **loss}
 
 
-def search(prepared: str | Path, calib_x: np.ndarray, settings: list[Setting], evaluate, *,
+def search(prepared: str | Path | dict, calib_x: np.ndarray, settings: list[Setting], evaluate, *,
            work_dir: str | Path | None = None):
     """Quantise with every setting and score each with `evaluate(path) -> dict` (flat).
 
-    Returns (table rows as dicts, {setting name: model path}); models stay in work_dir.
+    `prepared` is the pre-processed FP32 model, or {reduce_range: model} when the model to quantise
+    depends on it (`bias_correct`). Returns (table rows as dicts, {setting name: model path}); models
+    stay in work_dir.
     """
     work = Path(work_dir or tempfile.mkdtemp(prefix="quant."))
+    models = prepared if isinstance(prepared, dict) else {False: prepared, True: prepared}
     rows, paths = [], {}
     # Calibration ranges are shared by the settings of one search only: they belong to this model.
     with tempfile.TemporaryDirectory(prefix=".ranges-", dir=work) as ranges:
         for k, s in enumerate(settings):
-            path = quantize(prepared, work / f"variant_{k:02d}.onnx", calib_x, s, cache_dir=ranges)
+            path = quantize(models[s.reduce_range], work / f"variant_{k:02d}.onnx", calib_x, s, cache_dir=ranges)
             rows.append({"setting": s.name, **asdict(s), **evaluate(path)})
             paths[s.name] = path
     return rows, paths
@@ -230,8 +311,9 @@ def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreeme
     """The setting that loses least, recall first: settings within the gate's limits before the
     others, then the smallest rise in miss rate, then the smallest macro-recall drop (a gain counts
     as no loss, since on a small split a gain is luck), then the highest argmax agreement with FP32,
-    then the smallest logit error; the measured speed (when `speed_col` is given) breaks only exact
-    ties. Every key before speed is a deterministic figure, so the same run keeps the same setting.
+    then the smallest logit error to three decimals (S8S8 and U8S8 with the same ranges can differ
+    in the fifth); the measured speed (when `speed_col` is given) breaks only the remaining ties,
+    between settings that are equal in every figure that judges them.
     Returns the chosen row's index label."""
     def col(name):
         return np.asarray(table[name].astype(float).fillna(0.0), dtype=float)
@@ -241,7 +323,7 @@ def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreeme
         keys.append(~np.asarray(table[fit_col], dtype=bool))
     if miss_col is not None and miss_col in table:
         keys.append(np.clip(col(miss_col), 0, None).round(9))
-    keys += [np.clip(col(drop_col), 0, None).round(9), -col(agree_col).round(9), col(err_col).round(9)]
+    keys += [np.clip(col(drop_col), 0, None).round(9), -col(agree_col).round(9), col(err_col).round(3)]
     if speed_col is not None:
         keys.append(col(speed_col))
     order = np.lexsort(tuple(np.asarray(k, dtype=float) for k in reversed(keys)))
@@ -250,13 +332,19 @@ def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreeme
 
 def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], *, x_val: np.ndarray,
            y_val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, classes: list[str], max_recall_drop: float,
-           max_miss_rise: float, work_dir: str | Path, threads: int = 0, latency_runs: int = 20):
+           max_miss_rise: float, work_dir: str | Path, threads: int = 0, latency_runs: int = 20,
+           bias_correction: bool = True):
     """Quantise the FP32 model with every setting, judge each on the validation split, keep the best.
+
+    With `bias_correction`, each setting quantises the model whose biases `bias_correct` fitted to
+    its weight rounding (8- or 7-bit); a calibration method's activation ranges are measured once,
+    on the first setting's model, and serve the others.
 
     Each setting is scored against the FP32 model on validation (macro-recall drop, rise in miss
     rate, whether both are within the gate's limits, argmax agreement, logit error) and on test (the
     same, for the report only), with a quick batch-1 latency. `choose` picks on the validation
-    columns. Returns (table indexed by setting, the kept setting's name, {setting: model path}).
+    columns. Returns (table indexed by setting, the kept setting's name, {setting: model path},
+    {reduce_range: what `bias_correct` did} or {} without bias correction).
     """
     import pandas as pd
 
@@ -269,6 +357,11 @@ def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], 
     fp32_val, fp32_test = runtime.run(fp32, x_val), runtime.run(fp32, x_test)
     base_val, base_test = scores(y_val, fp32_val, classes), scores(y_test, fp32_test, classes)
     prepared = preprocess(fp32_path, work / "model.prep.onnx")
+    corrections = {}
+    if bias_correction:
+        for rr in sorted({s.reduce_range for s in settings}):
+            target = work / f"model.prep.bias{'7' if rr else '8'}.onnx"
+            corrections[rr] = bias_correct(prepared, target, calib_x, reduce_range=rr) | {"model": target}
 
     def evaluate(path: Path) -> dict:
         s = runtime.session(path, threads)
@@ -283,9 +376,25 @@ def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], 
                 "test_macro_recall_drop": test_loss["macro_recall_drop"], "test_miss_rate_rise": test_loss["miss_rate_rise"],
                 "test_agreement": f_test["agreement"], "batch1_p50_ms": quick[0]["p50_ms"]}
 
-    rows, variants = search(prepared, calib_x, settings, evaluate, work_dir=work)
+    models = {rr: c["model"] for rr, c in corrections.items()} if corrections else prepared
+    rows, variants = search(models, calib_x, settings, evaluate, work_dir=work)
     table = pd.DataFrame(rows).set_index("setting")
-    return table, choose(table), variants
+    return table, choose(table), variants, corrections
+
+
+def correction_record(corrections: dict, reduce_range) -> dict | None:
+    """What `bias_correct` did for the model a setting quantised (None without bias correction)."""
+    c = corrections.get(bool(reduce_range))
+    return None if c is None else {k: v for k, v in c.items() if k != "model"}
+
+
+def correction_note(corrections: dict) -> str:
+    """One sentence on the bias correction of a search, for the export report."""
+    if not corrections:
+        return "Biases not corrected (`int8_bias_correction: false`)."
+    c = corrections[min(corrections)]
+    return (f"Before quantising, the biases of {c['corrected']} of {c['convolutions']} convolutions were corrected for "
+            f"their weights' int8 rounding (mean absolute shift {c['mean_abs_shift']:.2g}; `bias_correct`).")
 
 
 # How the selection table's columns read in the export report.

@@ -94,6 +94,7 @@ def test_model_card_says_when_int8_is_not_fit_and_lists_every_parameter():
         machine={"cpu": "x"})
     assert "**NOT FIT for use** (miss rate rises by 6.25 points" in card
     assert "f00" in card and "2030-01-01" in card and "| FP32 | 0.9 |" in card
+    assert "corrected for the weights' rounding" not in card  # no bias correction recorded, none claimed
     assert "| `probe_c` | `0.37` |" in card and "trained with other values of: `probe_c` = `0.5`" in card
 
 

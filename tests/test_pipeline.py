@@ -58,6 +58,8 @@ def test_export_report_compares_int8_settings_and_times_three_engines(smoke_run)
     exp = json.loads((build / "export" / "export.json").read_text())
     assert len(exp["quantization_search"]) == 12 and exp["int8"]["setting"] in {r["setting"] for r in exp["quantization_search"]}
     assert exp["int8"]["chosen_on"] == "val" and isinstance(exp["int8"]["fit"], bool)
+    bc = exp["int8"]["bias_correction"]  # on by default: every convolution of the model had its bias corrected
+    assert bc["corrected"] == bc["convolutions"] > 0 and bc["mean_abs_shift"] > 0
     assert exp["int8"]["bytes"] < 0.4 * exp["bytes"] and exp["compute"]["macs"] > 0
     bench = json.loads((build / "export" / "benchmark.json").read_text())
     assert {(r["engine"], r["batch"]) for r in bench["rows"]} == {
@@ -66,13 +68,13 @@ def test_export_report_compares_int8_settings_and_times_three_engines(smoke_run)
     html = (smoke_run[0] / "reports" / "05_export.html").read_text()
     for text in ("INT8: the quantisation settings compared", "U8S8 reduce_range Entropy", "S8S8 Percentile",
                  "INT8 against FP32: the recall-first gate", "INT8 − FP32 (points)", "Latency: PyTorch eager, ONNX Runtime FP32 and INT8",
-                 "multiply-adds"):
+                 "multiply-adds", "were corrected for their weights' int8 rounding"):
         assert text in html, text
     assert len(re.findall(r"data:image/png;base64", html)) >= 1  # the latency plot
     card = (build / "export" / "model_card.md").read_text()
     dataset = json.loads((build / "dataset.json").read_text())
     for text in (dataset["fingerprint"]["sha256"], "random initialisation", "## Latency", "macro recall",
-                 exp["int8"]["setting"], "Date: "):
+                 exp["int8"]["setting"], "Date: ", "corrected for the weights' rounding"):
         assert text in card, text
     manifest = json.loads((build / "export" / "bundle.json").read_text())
     evaluated = json.loads((build / "eval" / "metrics.json").read_text())

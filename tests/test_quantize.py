@@ -113,6 +113,10 @@ def test_search_scores_every_setting_and_choose_keeps_the_least_loss(mobilenet, 
     table.loc["c", "mean_abs_logit_diff"] = 0.1  # exactly tied on every figure: the faster one
     assert quantize.choose(table) == "c"
     assert quantize.choose(table, speed_col=None) == "c"  # then the first
+    table.loc["d", "mean_abs_logit_diff"] = 0.1 - 4e-5  # closer only in the fifth decimal: still the faster c
+    assert quantize.choose(table) == "c"
+    table.loc["d", "mean_abs_logit_diff"] = 0.099  # a thousandth closer: d, though slower
+    assert quantize.choose(table) == "d"
 
 
 def test_scores_and_fidelity():
@@ -151,3 +155,54 @@ def test_pareto_front_keeps_undominated_points():
     cost = [1.0, 2.0, 3.0, 2.5, 1.0]
     value = [0.5, 0.8, 0.9, 0.7, 0.4]
     assert benchmark.pareto_front(cost, value).tolist() == [True, True, True, False, False]
+
+
+def _weights(path):
+    model = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return model, inits
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_rounded_weight_is_what_onnx_runtime_stores(mobilenet, tmp_path, reduce_range):
+    _, _, prepared = mobilenet
+    q = quantize.quantize(prepared, tmp_path / "q.onnx", inputs(4), quantize.Setting("S8", reduce_range, "MinMax"))
+    float_model, float_w = _weights(prepared)
+    qdq, q_inits = _weights(q)
+    dequantised = {n.output[0]: q_inits[n.input[0]].astype(np.float32) * q_inits[n.input[1]].reshape(-1, 1, 1, 1)
+                   for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in q_inits
+                   and q_inits[n.input[0]].ndim == 4}
+    convs = {n.name: n for n in qdq.graph.node if n.op_type == "Conv"}
+    checked = 0
+    for node in (n for n in float_model.graph.node if n.op_type == "Conv"):
+        stored = dequantised[convs[node.name].input[1]]
+        np.testing.assert_allclose(quantize.rounded_weight(float_w[node.input[1]], reduce_range), stored, rtol=1e-6, atol=1e-7)
+        checked += 1
+    assert checked == 52  # every convolution of MobileNetV2
+
+
+def test_bias_correction_removes_the_mean_shift_of_rounded_weights(mobilenet, tmp_path):
+    _, _, prepared = mobilenet
+    calib = inputs(16) + 0.5  # inputs with a mean, as normalised images have
+    done = quantize.bias_correct(prepared, tmp_path / "bc.onnx", calib)
+    assert done["corrected"] == done["convolutions"] == 52 and done["mean_abs_shift"] > 0
+
+    def rounded(path, out):  # the model with every convolution's weights as int8 rounding leaves them
+        model, w = _weights(path)
+        for node in (n for n in model.graph.node if n.op_type == "Conv"):
+            init = next(i for i in model.graph.initializer if i.name == node.input[1])
+            init.CopyFrom(onnx.numpy_helper.from_array(quantize.rounded_weight(w[node.input[1]]), node.input[1]))
+        onnx.save(model, str(out))
+        return runtime.run(runtime.session(out), calib)
+
+    exact = runtime.run(runtime.session(prepared), calib)
+    plain, corrected = rounded(prepared, tmp_path / "r.onnx"), rounded(tmp_path / "bc.onnx", tmp_path / "rbc.onnx")
+    bias = lambda logits: np.abs((logits - exact).mean(0)).mean()  # noqa: E731  the systematic part of the error
+    assert bias(corrected) < 0.5 * bias(plain)
+    # the corrected model itself differs from the original only in its biases
+    (_, a), (_, b) = _weights(prepared), _weights(tmp_path / "bc.onnx")
+    changed = {k for k in a if not np.array_equal(a[k], b[k])}
+    assert changed and all(a[k].ndim == 1 for k in changed)
+    with pytest.raises(ValueError, match="no calibration images"):
+        quantize.bias_correct(prepared, tmp_path / "x.onnx", calib[:0])
+    assert not (tmp_path / "x.onnx").exists()
