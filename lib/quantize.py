@@ -121,14 +121,10 @@ def preprocess(fp32: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
-def _weight_qmax(reduce_range: bool) -> int:
-    """Largest int8 weight magnitude ONNX Runtime uses for symmetric per-channel weights: 127, or 64 with reduce_range."""
-    return 64 if reduce_range else 127
-
-
 def rounded_weight(w: np.ndarray, reduce_range: bool = False) -> np.ndarray:
-    """A convolution weight as ONNX Runtime's symmetric per-output-channel int8 quantisation leaves it (dequantised)."""
-    qmax = _weight_qmax(reduce_range)
+    """A convolution weight as ONNX Runtime's symmetric per-output-channel int8 quantisation leaves it (dequantised):
+    integers up to 127 in magnitude, or 64 with reduce_range, times one scale per output channel."""
+    qmax = 64 if reduce_range else 127
     absmax = np.abs(w).reshape(w.shape[0], -1).max(1)
     scale = np.where(absmax > 0, absmax / qmax, 1.0).reshape((-1,) + (1,) * (w.ndim - 1))
     return (np.clip(np.round(w / scale), -qmax, qmax) * scale).astype(w.dtype)
