@@ -130,19 +130,20 @@ def rounded_weight(w: np.ndarray, reduce_range: bool = False) -> np.ndarray:
     return (np.clip(np.round(w / scale), -qmax, qmax) * scale).astype(w.dtype)
 
 
-def input_means(model_path: str | Path, tensors: list[str], x: np.ndarray, batch_size: int = 10) -> dict:
-    """Per-channel means of named intermediate tensors (N, C, ...) of the FP32 model over the images x,
-    accumulated batch by batch (nothing but the running sums is kept)."""
+def input_means(model, tensors: list[str], x: np.ndarray, batch_size: int = 10) -> dict:
+    """Per-channel means of named intermediate tensors (N, C, ...) of an FP32 model (onnx.ModelProto,
+    left as it is) over the images x, accumulated batch by batch (nothing but the running sums is kept)."""
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(model_path))
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
                               for t in tensors if t not in known)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = session.get_inputs()[0].name
     sums, count = {}, 0
     for i in range(0, len(x), batch_size):
@@ -154,40 +155,46 @@ def input_means(model_path: str | Path, tensors: list[str], x: np.ndarray, batch
     return {name: total / count for name, total in sums.items()}
 
 
-def bias_correct(prepared: str | Path, out: str | Path, calib_x: np.ndarray, *, reduce_range: bool = False) -> dict:
-    """Write to `out` the model with every convolution's bias corrected for its weights' int8 rounding.
+def bias_correct(prepared: str | Path, calib_x: np.ndarray, targets: dict) -> dict:
+    """For each {reduce_range: out} in `targets`, write to `out` the model with every convolution's
+    bias corrected for its weights' int8 rounding (8-bit, or 7-bit with reduce_range).
 
     Rounding the weights W to Wq shifts a convolution's mean output by (Wq - W) . E[x]; subtracting
-    that from the bias, with E[x] the per-channel input means over the calibration images, removes
-    the shift (grouped and depthwise convolutions included; zero padding is ignored). Which
-    weights ONNX Runtime will round, and how, is `rounded_weight` (per output channel, symmetric,
-    7-bit with reduce_range). Convolutions without a constant weight and bias are left as they are.
-    Returns how many convolutions were corrected, of how many, and the mean absolute correction.
+    that from the bias, with E[x] the per-channel input means over the calibration images (measured
+    once, for every target), removes the shift (grouped and depthwise convolutions included; zero
+    padding is ignored). Which weights ONNX Runtime will round, and how, is `rounded_weight`.
+    Convolutions without a constant weight and bias are left as they are. Returns, per
+    reduce_range, how many convolutions were corrected, of how many, and the mean absolute correction.
     """
     import onnx
     from onnx import numpy_helper
 
     if len(calib_x) == 0:
         raise ValueError("no calibration images")
-    model = onnx.load(str(prepared))
-    inits = {i.name: i for i in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    original = onnx.load(str(prepared))
+    inits = {i.name: numpy_helper.to_array(i).astype(np.float32) for i in original.graph.initializer}
+    convs = [n for n in original.graph.node if n.op_type == "Conv"]
     fixable = [n for n in convs if len(n.input) > 2 and n.input[1] in inits and n.input[2] in inits]
-    means = input_means(prepared, sorted({n.input[0] for n in fixable}), calib_x)
-    shifts = []
-    for node in fixable:
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
-        dw = (rounded_weight(w, reduce_range) - w).reshape(w.shape[0], w.shape[1], -1).sum(2)  # (Cout, Cin / groups)
-        ex = means[node.input[0]].reshape(groups, w.shape[1])[np.arange(w.shape[0]) // (w.shape[0] // groups)]
-        shift = (dw * ex).sum(1).astype(np.float32)
-        inits[node.input[2]].CopyFrom(numpy_helper.from_array(b - shift, node.input[2]))
-        shifts.append(np.abs(shift).mean())
-    with atomic_path(out) as tmp:
-        onnx.save(model, str(tmp))
-    return {"corrected": len(fixable), "convolutions": len(convs),
-            "mean_abs_shift": float(np.mean(shifts)) if shifts else 0.0}
+    means = input_means(original, sorted({n.input[0] for n in fixable}), calib_x)
+    done = {}
+    for reduce_range, out in targets.items():
+        model = onnx.ModelProto()
+        model.CopyFrom(original)
+        protos = {i.name: i for i in model.graph.initializer}
+        shifts = []
+        for node in fixable:
+            w, b = inits[node.input[1]], inits[node.input[2]]
+            groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+            dw = (rounded_weight(w, reduce_range) - w).reshape(w.shape[0], w.shape[1], -1).sum(2)  # (Cout, Cin / groups)
+            ex = means[node.input[0]].reshape(groups, w.shape[1])[np.arange(w.shape[0]) // (w.shape[0] // groups)]
+            shift = (dw * ex).sum(1).astype(np.float32)
+            protos[node.input[2]].CopyFrom(numpy_helper.from_array(b - shift, node.input[2]))
+            shifts.append(np.abs(shift).mean())
+        with atomic_path(out) as tmp:
+            onnx.save(model, str(tmp))
+        done[reduce_range] = {"corrected": len(fixable), "convolutions": len(convs),
+                              "mean_abs_shift": float(np.mean(shifts)) if shifts else 0.0}
+    return done
 
 
 def classifier_nodes(model_path: str | Path) -> list[str]:
@@ -353,11 +360,10 @@ def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], 
     fp32_val, fp32_test = runtime.run(fp32, x_val), runtime.run(fp32, x_test)
     base_val, base_test = scores(y_val, fp32_val, classes), scores(y_test, fp32_test, classes)
     prepared = preprocess(fp32_path, work / "model.prep.onnx")
-    corrections = {}
+    models, corrections = prepared, {}
     if bias_correction:
-        for rr in sorted({s.reduce_range for s in settings}):
-            target = work / f"model.prep.bias{'7' if rr else '8'}.onnx"
-            corrections[rr] = bias_correct(prepared, target, calib_x, reduce_range=rr) | {"model": target}
+        models = {rr: work / f"model.prep.bias{'7' if rr else '8'}.onnx" for rr in sorted({s.reduce_range for s in settings})}
+        corrections = bias_correct(prepared, calib_x, models)
 
     def evaluate(path: Path) -> dict:
         s = runtime.session(path, threads)
@@ -372,16 +378,9 @@ def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], 
                 "test_macro_recall_drop": test_loss["macro_recall_drop"], "test_miss_rate_rise": test_loss["miss_rate_rise"],
                 "test_agreement": f_test["agreement"], "batch1_p50_ms": quick[0]["p50_ms"]}
 
-    models = {rr: c["model"] for rr, c in corrections.items()} if corrections else prepared
     rows, variants = search(models, calib_x, settings, evaluate, work_dir=work)
     table = pd.DataFrame(rows).set_index("setting")
     return table, choose(table), variants, corrections
-
-
-def correction_record(corrections: dict, reduce_range) -> dict | None:
-    """What `bias_correct` did for the model a setting quantised (None without bias correction)."""
-    c = corrections.get(bool(reduce_range))
-    return None if c is None else {k: v for k, v in c.items() if k != "model"}
 
 
 def correction_note(corrections: dict) -> str:

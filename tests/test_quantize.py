@@ -184,7 +184,7 @@ def test_rounded_weight_is_what_onnx_runtime_stores(mobilenet, tmp_path, reduce_
 def test_bias_correction_removes_the_mean_shift_of_rounded_weights(mobilenet, tmp_path):
     _, _, prepared = mobilenet
     calib = inputs(16) + 0.5  # inputs with a mean, as normalised images have
-    done = quantize.bias_correct(prepared, tmp_path / "bc.onnx", calib)
+    done = quantize.bias_correct(prepared, calib, {False: tmp_path / "bc.onnx"})[False]
     assert done["corrected"] == done["convolutions"] == 52 and done["mean_abs_shift"] > 0
 
     def rounded(path, out):  # the model with every convolution's weights as int8 rounding leaves them
@@ -204,5 +204,5 @@ def test_bias_correction_removes_the_mean_shift_of_rounded_weights(mobilenet, tm
     changed = {k for k in a if not np.array_equal(a[k], b[k])}
     assert changed and all(a[k].ndim == 1 for k in changed)
     with pytest.raises(ValueError, match="no calibration images"):
-        quantize.bias_correct(prepared, tmp_path / "x.onnx", calib[:0])
+        quantize.bias_correct(prepared, calib[:0], {False: tmp_path / "x.onnx"})
     assert not (tmp_path / "x.onnx").exists()
