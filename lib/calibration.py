@@ -209,12 +209,29 @@ def _counts(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
     return out
 
 
+def _headline_batch(y: np.ndarray, pred: np.ndarray, classes: list[str], i: np.ndarray) -> dict:
+    """`headline` of every resample at once: `i` holds one resample of image indices per row [..., n]."""
+    yb, pb = y[i], pred[i]
+    support = np.stack([(yb == c).sum(-1) for c in range(len(classes))], -1)
+    hits = np.stack([((yb == c) & (pb == c)).sum(-1) for c in range(len(classes))], -1)
+    present = support > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"accuracy": (yb == pb).mean(-1),
+               "macro recall": np.where(present, hits / np.maximum(support, 1), 0).sum(-1) / present.sum(-1)}
+        if CLEAN in classes:
+            c = classes.index(CLEAN)
+            defect, called_clean = yb != c, pb == c
+            out["miss rate"] = (called_clean & defect).sum(-1) / defect.sum(-1)
+            out["false-alarm rate"] = (~called_clean & ~defect).sum(-1) / (~defect).sum(-1)
+    return out
+
+
 def bootstrap(y: np.ndarray, pred: np.ndarray, classes: list[str], *, resamples: int = 2000, level: float = 0.95,
               seed: int = 0) -> pd.DataFrame:
     """Each headline figure with its percentile bootstrap interval (images resampled with their
-    labels, scipy.stats.bootstrap). When a proportion is the same in every resample (0 of n, n of n)
-    the bootstrap interval collapses to a point; the Wilson interval of its count is given instead
-    (`method` says which)."""
+    labels, scipy.stats.bootstrap, every resample scored at once). When a proportion is the same in
+    every resample (0 of n, n of n) the bootstrap interval collapses to a point; the Wilson interval
+    of its count is given instead (`method` says which)."""
     import warnings
 
     from scipy.stats import DegenerateDataWarning, bootstrap as sp_bootstrap
@@ -225,8 +242,8 @@ def bootstrap(y: np.ndarray, pred: np.ndarray, classes: list[str], *, resamples:
     point, counts = headline(y, pred, classes), _counts(y, pred, classes)
     rows = []
     for name, value in point.items():
-        def stat(i, name=name):
-            return headline(y[i.astype(int)], pred[i.astype(int)], classes)[name]
+        def stat(i, axis=-1, name=name):
+            return _headline_batch(y, pred, classes, np.moveaxis(i, axis, -1).astype(int))[name]
 
         low = high = np.nan
         method = "bootstrap"
@@ -234,7 +251,7 @@ def bootstrap(y: np.ndarray, pred: np.ndarray, classes: list[str], *, resamples:
             with warnings.catch_warnings():  # a figure constant over resamples (e.g. 0 misses) is no error
                 warnings.simplefilter("ignore", category=DegenerateDataWarning)
                 ci = sp_bootstrap((np.arange(len(y)),), stat, n_resamples=resamples, confidence_level=level,
-                                  method="percentile", vectorized=False, random_state=np.random.default_rng(seed))
+                                  method="percentile", vectorized=True, random_state=np.random.default_rng(seed))
             low, high = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
         if name in counts and not np.isnan(value) and (np.isnan(low) or low == high):
             low, high = wilson_interval(*counts[name], confidence=level)

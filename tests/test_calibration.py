@@ -126,6 +126,20 @@ def test_bootstrap_intervals_hold_the_figure_and_are_reproducible():
     assert calibration.records(a)[0]["figure"] == "accuracy"
 
 
+def test_bootstrap_scores_every_resample_as_headline_does():
+    """The resamples are scored all at once; each row must equal `headline` of that resample, classes
+    absent from a resample (and resamples without a defect or a clean image) included."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 9)
+    pred = np.where(rng.random(9) < 0.6, y, rng.integers(0, 3, 9))
+    i = rng.integers(0, 9, (300, 9))
+    i[0], i[1] = np.flatnonzero(y == 1)[0], np.flatnonzero(y != 1)[0]  # only clean / no clean image
+    batch = calibration._headline_batch(y, pred, CLASSES, i)
+    for r in range(len(i)):
+        one = calibration.headline(y[i[r]], pred[i[r]], CLASSES)
+        assert {k: batch[k][r] for k in one} == pytest.approx(one, nan_ok=True), r
+
+
 def test_paired_bootstrap_sees_a_real_difference_and_no_difference():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 3, 200)
