@@ -100,6 +100,9 @@ SCHEMA: dict[str, Param] = {
                          "them)", choices=("ft", "lpft", "partial", "probe")),
     "cache_views": Param(int, "recipe partial: views per training image whose trunk activations are cached (the "
                               "image itself and cache_views - 1 augmented draws)"),
+    "bn_adapt": Param(bool, "recipe partial: re-estimate the trained blocks' BatchNorm statistics on the cached "
+                            "training activations (every view) before the probe, so the probe's head fits the "
+                            "features that training then normalises by batch (false: ImageNet's statistics)"),
     "probe_c": Param(_NUM, "inverse L2 strength of the linear probe's logistic regression (on standardised features)"),
     "body_lr_mult": Param(_NUM, "lpft and partial: the trained body blocks' learning rate as a fraction of lr (the head gets lr)"),
     "freeze_blocks": Param(int, "blocks of the body, stem first, kept frozen while fine-tuning (0 = none)"),

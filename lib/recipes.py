@@ -280,6 +280,11 @@ def _train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, gener
         acts = {s: trunk_views(model, gray[s], k, P["cache_views"] if s == "train" else 1,
                                augmentation(P) if s == "train" else None, device,
                                path=None if scratch is None else scratch / f"trunk_{s}.npy") for s in gray}
+        if P["bn_adapt"]:
+            adapt_batchnorm(top, acts["train"], device)
+            out.notes.append(f"The BatchNorm statistics of the {net.units(model) - k} trained blocks were re-estimated "
+                             f"on the cached training activations ({acts['train'].shape[1]} views of each image) before "
+                             f"the probe (`bn_adapt`).")
         features = {s: _top_features(top, acts[s], device, rows=rows if s == "train" else None) for s in acts}
     if out.recipe in ("probe", "lpft", "partial"):
         features = features or {}
@@ -362,6 +367,27 @@ def _top_features(top: nn.Module, acts, device, batch_size: int = 64, rows: np.n
     take = (lambda i, j: acts[i:j, 0]) if rows is None else (lambda i, j: acts[rows[i:j], 0])
     return batched(lambda i, j: top.pool(torch.from_numpy(take(i, j).astype(np.float32)).to(device)).float().cpu()
                    .numpy(), len(acts) if rows is None else len(rows), batch_size)
+
+
+@torch.no_grad()
+def adapt_batchnorm(top: nn.Module, acts, device, batch_size: int = 64) -> None:
+    """Re-estimate the BatchNorm running statistics of the top blocks (`lib.model.Top`) on cached trunk
+    activations [N, V, C, H, W], every view: a cumulative average over one pass in train mode, weights
+    untouched. ImageNet's statistics normalise SEM features differently from the batch statistics
+    training uses, so a probe fit on them meets other features in the first step (a loss of 14 in the
+    first epoch of the default run, against 1.4 after re-estimation)."""
+    norms = [m for m in top.features.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    top.train().to(device)
+    for v in range(acts.shape[1]):
+        for i in range(0, acts.shape[0], batch_size):
+            top.pool(torch.from_numpy(acts[i : i + batch_size, v].astype(np.float32)).to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    top.eval()
 
 
 PROBE_MAX_IMAGES = 10_000  # the linear probe is fit on at most this many training images

@@ -217,3 +217,32 @@ def test_partial_trains_only_the_top_blocks_on_cached_activations():
         whole = out.model.eval()(x)
         parts = net.Top(out.model, 14)(net.trunk(out.model, x, 14))
     assert torch.allclose(whole, parts, atol=1e-5)
+
+
+def test_batchnorm_adaptation_makes_the_top_blocks_normalise_as_training_will():
+    """Re-estimated on cached activations, the top blocks' running statistics give (in eval mode, as the
+    probe sees them) what batch statistics give (train mode, as training sees them) on those images;
+    ImageNet's statistics do not. Nothing but the BatchNorm buffers changes."""
+    gray, y = tiny_data(per_class=16, size=64)
+    P = tiny_params(arch="efficientnet_lite0", weights="imagenet", recipe="partial", freeze_blocks=12, image_size=64)
+    model = recipes.prepare(P, 3).model
+    body = model.features  # drop-connect off: train and eval mode then differ by BatchNorm alone
+    body._global_params = body._global_params._replace(drop_connect_rate=0.0)
+    acts = recipes.trunk_views(model, gray, 12, 2, presets.augmentation(P))  # 48 images, 2 views
+    top = net.Top(model, 12)
+    x = torch.from_numpy(acts[:, 0].astype(np.float32))
+
+    def gap():
+        with torch.no_grad():
+            as_probe, as_training = top.eval().pool(x), top.train().pool(x)
+        top.eval()
+        return float((as_probe - as_training).abs().mean() / as_training.abs().mean())
+
+    weights = {k: v.clone() for k, v in top.state_dict().items() if "running" not in k and "num_batches" not in k}
+    before = gap()
+    recipes.adapt_batchnorm(top, acts[:, :1], "cpu", batch_size=48)  # one batch: x itself
+    after = gap()
+    assert after < 0.1 < before and after < before / 3, (before, after)
+    assert all(torch.equal(v, top.state_dict()[k]) for k, v in weights.items())
+    norms = [m for m in top.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum is not None for m in norms) and not top.training
