@@ -522,7 +522,7 @@ def history(trained: Trained, seconds: float):
 
 
 def describe_result(trained: Trained, seconds: float) -> str:
-    """The probe floor and what training made of it (Markdown)."""
+    """The probe floor, what training made of it and the run's notes (Markdown)."""
     floor, result = trained.probe, trained.fit
     if floor is not None:
         lines = [f"### Linear-probe floor\nLogistic regression on the frozen pretrained features: validation macro "
@@ -545,6 +545,7 @@ def describe_result(trained: Trained, seconds: float) -> str:
                      f"{result.seconds:.0f} s ({result.seconds / epochs:.1f} s per epoch).{verdict}")
         lines.append(f"Training loop: precision **{result.precision}**, **{result.images_per_second:,.0f} images/s** "
                      f"(forward, backward and step; validation excluded).")
+    lines += [f"- {note}" for note in trained.notes]
     return "\n\n".join(lines)
 
 

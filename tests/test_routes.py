@@ -143,6 +143,9 @@ def test_unsplit_route_runs_the_default_recipe(unsplit_default):
     summary = json.loads((unsplit_default["build"] / "train" / "summary.json").read_text())
     assert summary["arch"] == "efficientnet_lite0" and summary["weights"]["source"] == "imagenet"
     assert summary["recipe"] == "partial" and summary["epochs_run"] == 2 and summary["probe_floor"] is not None
+    assert any("BatchNorm statistics" in note for note in summary["notes"])  # bn_adapt, on by default
+    assert "BatchNorm statistics of the 6 trained blocks were re-estimated" in (
+        unsplit_default["reports"] / "03_training.html").read_text()
     split = pd.read_csv(unsplit_default["build"] / "split" / "split.csv")
     assert set(split["split"]) == {"train", "val", "test"}
     assert "Training curves, read" in (unsplit_default["reports"] / "04_evaluation.html").read_text()
