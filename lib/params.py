@@ -166,6 +166,9 @@ SCHEMA: dict[str, Param] = {
                                       "S8S8 / U8S8 and with / without reduce_range)"),
     "int8_bias_correction": Param(bool, "correct every convolution's bias for the mean shift its weights' int8 "
                                         "rounding causes, measured on the calibration images, before quantising"),
+    "int8_max_float_convs": Param(int, "when no INT8 setting is within the limits below, the best is tried again "
+                                       "with its first 1, 2, ... convolutions (and everything before them) in FP32, "
+                                       "up to this many, until one is; 0 = never"),
     "int8_max_recall_drop": Param(_NUM, "largest acceptable validation macro-recall drop of INT8 vs FP32 (0.01 = 1 "
                                         "point); beyond it the INT8 model is marked not fit"),
     "int8_max_miss_rise": Param(_NUM, "largest acceptable validation rise in miss rate (defects called clean) of INT8 "

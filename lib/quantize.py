@@ -16,6 +16,11 @@ What is searched, because it is what matters on x86 CPUs:
 Each calibration method runs once (its ranges are cached) and serves the four type /
 reduce_range variants.
 
+When no setting passes the gate, `select` keeps the leading convolutions of the best one in FP32,
+one more at a time (`float_prefix`), until it passes or a limit is reached: on the default model
+the activation rounding of the first layers (input normalisation, stem, first blocks at full
+resolution) did most of the damage, and the FP32 prefix costs little time or size.
+
 Before quantising, `bias_correct` can remove the mean shift that rounding the weights to int8
 puts on every convolution's output (bias correction, Nagel et al. 2019, "Data-Free Quantization
 Through Weight Equalization and Bias Correction", section 4.2, with each convolution's input
@@ -40,15 +45,18 @@ CALIBRATION_CHUNK = 10  # images per calibration pass: bounds the histogram cali
 
 @dataclass(frozen=True)
 class Setting:
-    """One quantisation setting: activation type (S8 or U8; weights are always int8), 7-bit weights, calibration."""
+    """One quantisation setting: activation type (S8 or U8; weights are always int8), 7-bit weights, calibration,
+    and how many leading convolutions stay FP32 (`float_prefix`)."""
 
     activation: str
     reduce_range: bool
     calibration: str
+    float_convs: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.activation}S8{' reduce_range' if self.reduce_range else ''} {self.calibration}"
+        fp32 = f", first {self.float_convs} conv{'s' if self.float_convs > 1 else ''} FP32" if self.float_convs else ""
+        return f"{self.activation}S8{' reduce_range' if self.reduce_range else ''} {self.calibration}{fp32}"
 
 
 def grid(calibrations=CALIBRATIONS) -> list[Setting]:
@@ -206,12 +214,35 @@ def classifier_nodes(model_path: str | Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul") and outputs & set(n.output)]
 
 
+def float_prefix(model_path: str | Path, n: int) -> list[str]:
+    """The nodes that stay FP32 when the first n convolutions do: every node up to the n-th convolution
+    (in the graph's topological order: the input normalisation, the stem, the first blocks) and the
+    activation (Clip / Relu) that alone consumes its output, so that no int8 rounding falls between them."""
+    import onnx
+
+    if n < 0:
+        raise ValueError(f"the number of FP32 convolutions must be 0 or more, got {n}")
+    nodes = list(onnx.load(str(model_path), load_external_data=False).graph.node)
+    convs = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
+    if n == 0:
+        return []
+    if n > len(convs):
+        raise ValueError(f"{model_path}: {n} FP32 convolutions asked for, the graph has {len(convs)}")
+    last = nodes[convs[n - 1]]
+    names = [node.name for node in nodes[: convs[n - 1] + 1]]
+    consumers = [node for node in nodes if last.output[0] in node.input]
+    if len(consumers) == 1 and consumers[0].op_type in ("Clip", "Relu"):
+        names.append(consumers[0].name)
+    return names
+
+
 def quantize(prepared: str | Path, out: str | Path, calib_x: np.ndarray, setting: Setting, *,
              cache_dir: str | Path | None = None) -> Path:
     """Quantise a pre-processed FP32 model to INT8 QDQ with per-channel weights; write it to `out`.
 
     The classifier stays FP32 (`classifier_nodes`; 10k weights for 8 classes): on the default model,
     quantising it too cost 7.9-9.5 points of test macro recall in every setting, keeping it 2.1-3.8.
+    So do the setting's leading convolutions (`float_prefix`).
 
     With `cache_dir`, the calibration ranges of each method are computed once and reused.
     """
@@ -237,7 +268,7 @@ def quantize(prepared: str | Path, out: str | Path, calib_x: np.ndarray, setting
                 activation_type=QuantType.QInt8 if setting.activation == "S8" else QuantType.QUInt8,
                 weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, setting.calibration),
                 calibration_cache_path=str(cache) if cache else None,
-                nodes_to_exclude=classifier_nodes(prepared), extra_options={"CalibStridedMinMax": chunk},
+                nodes_to_exclude=classifier_nodes(prepared) + float_prefix(prepared, setting.float_convs), extra_options={"CalibStridedMinMax": chunk},
             )
             onnx_tmp.replace(tmp)
         finally:
@@ -289,23 +320,45 @@ def gate(loss: dict, *, max_recall_drop: float, max_miss_rise: float) -> dict:
 
 
 def search(prepared: str | Path | dict, calib_x: np.ndarray, settings: list[Setting], evaluate, *,
-           work_dir: str | Path | None = None):
+           work_dir: str | Path | None = None, then=None):
     """Quantise with every setting and score each with `evaluate(path) -> dict` (flat).
 
     `prepared` is the pre-processed FP32 model, or {reduce_range: model} when the model to quantise
-    depends on it (`bias_correct`). Returns (table rows as dicts, {setting name: model path}); models
-    stay in work_dir.
+    depends on it (`bias_correct`). `then(rows) -> Setting | None`, when given, is asked for one more
+    setting each time the list runs out (the rows so far in hand), and the search ends at None.
+    Returns (table rows as dicts, {setting name: model path}); models stay in work_dir.
     """
     work = Path(work_dir or tempfile.mkdtemp(prefix="quant."))
     models = prepared if isinstance(prepared, dict) else {False: prepared, True: prepared}
-    rows, paths = [], {}
+    rows, paths, queue = [], {}, list(settings)
     # Calibration ranges are shared by the settings of one search only: they belong to this model.
     with tempfile.TemporaryDirectory(prefix=".ranges-", dir=work) as ranges:
-        for k, s in enumerate(settings):
-            path = quantize(models[s.reduce_range], work / f"variant_{k:02d}.onnx", calib_x, s, cache_dir=ranges)
+        while queue:
+            s = queue.pop(0)
+            path = quantize(models[s.reduce_range], work / f"variant_{len(rows):02d}.onnx", calib_x, s, cache_dir=ranges)
             rows.append({"setting": s.name, **asdict(s), **evaluate(path)})
             paths[s.name] = path
+            if not queue and then is not None and (more := then(rows)) is not None:
+                queue.append(more)
     return rows, paths
+
+
+def escalate(max_float_convs: int):
+    """`search`'s `then` for the FP32 prefix: while no setting is within the gate's limits (`fit`), the best
+    setting without an FP32 prefix (`choose`) again with one more leading convolution in FP32, up to
+    `max_float_convs`; None once a setting is fit or the limit is reached."""
+    import pandas as pd
+
+    def then(rows):
+        table = pd.DataFrame(rows).set_index("setting")
+        done = int(table["float_convs"].max())
+        if table["fit"].any() or done >= max_float_convs:
+            return None
+        plain = table[table["float_convs"] == 0]
+        best = plain.loc[choose(plain)]
+        return Setting(best["activation"], bool(best["reduce_range"]), best["calibration"], done + 1)
+
+    return then
 
 
 def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreement",
@@ -336,8 +389,11 @@ def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreeme
 def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], *, x_val: np.ndarray,
            y_val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, classes: list[str], max_recall_drop: float,
            max_miss_rise: float, work_dir: str | Path, threads: int = 0, latency_runs: int = 20,
-           bias_correction: bool = True):
+           bias_correction: bool = True, max_float_convs: int = 0):
     """Quantise the FP32 model with every setting, judge each on the validation split, keep the best.
+
+    When no setting is within the gate's limits, the best one is tried again with its first 1, 2, ...
+    convolutions in FP32 (`escalate`), up to `max_float_convs`, until one is.
 
     With `bias_correction`, each setting quantises the model whose biases `bias_correct` fitted to
     its weight rounding (8- or 7-bit); a calibration method's activation ranges are measured once,
@@ -378,7 +434,7 @@ def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], 
                 "test_macro_recall_drop": test_loss["macro_recall_drop"], "test_miss_rate_rise": test_loss["miss_rate_rise"],
                 "test_agreement": f_test["agreement"], "batch1_p50_ms": quick[0]["p50_ms"]}
 
-    rows, variants = search(models, calib_x, settings, evaluate, work_dir=work)
+    rows, variants = search(models, calib_x, settings, evaluate, work_dir=work, then=escalate(max_float_convs))
     table = pd.DataFrame(rows).set_index("setting")
     return table, choose(table), variants, corrections
 
@@ -393,7 +449,7 @@ def correction_note(corrections: dict) -> str:
 
 
 # How the selection table's columns read in the export report.
-COLUMN_NAMES = {"macro_recall": "val macro recall", "macro_recall_drop": "val macro-recall drop",
+COLUMN_NAMES = {"float_convs": "leading convs in FP32", "macro_recall": "val macro recall", "macro_recall_drop": "val macro-recall drop",
                 "miss_rate_rise": "val miss-rate rise", "fit": "within limits", "agreement": "val agreement with FP32",
                 "mean_abs_logit_diff": "val mean abs logit diff", "test_macro_recall_drop": "test macro-recall drop",
                 "test_miss_rate_rise": "test miss-rate rise", "test_agreement": "test agreement with FP32",
@@ -438,3 +494,12 @@ def judge(fp32_logits: dict, int8_logits: dict, y: dict, classes: list[str], *, 
                 "validation_agreement": agreement["val"], "agreement": agreement["test"]}
     test_loss = losses(figures[("FP32 (model.onnx)", "test")], figures[("INT8 (model.int8.onnx)", "test")])
     return table, verdict, test_loss
+
+
+def escalation_note(table) -> str:
+    """What the FP32-prefix rows of a `select` table are, for the export report ("" when there are none)."""
+    n = int(table["float_convs"].max())
+    if n == 0:
+        return ""
+    firsts = "the first convolution" if n == 1 else f"the first 1 to {n} convolutions"
+    return f" (and {n} more with {firsts} in FP32: none of the plain ones was within the limits)"

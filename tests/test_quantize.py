@@ -206,3 +206,65 @@ def test_bias_correction_removes_the_mean_shift_of_rounded_weights(mobilenet, tm
     with pytest.raises(ValueError, match="no calibration images"):
         quantize.bias_correct(prepared, calib[:0], {False: tmp_path / "x.onnx"})
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_float_prefix_is_everything_up_to_the_nth_convolution_and_its_activation(mobilenet):
+    _, _, prepared = mobilenet
+    nodes = list(onnx.load(str(prepared)).graph.node)
+    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    assert quantize.float_prefix(prepared, 0) == []
+    one = quantize.float_prefix(prepared, 1)
+    assert one[: convs[0] + 1] == [n.name for n in nodes[: convs[0] + 1]]
+    assert len(one) == convs[0] + 2 and nodes[convs[0] + 1].op_type in ("Clip", "Relu")  # the stem's ReLU6 with it
+    three = quantize.float_prefix(prepared, 3)
+    assert three[: len(one)] == one and sum(nodes[i].name in three for i in convs) == 3
+    with pytest.raises(ValueError, match=f"the graph has {len(convs)}"):
+        quantize.float_prefix(prepared, len(convs) + 1)
+    with pytest.raises(ValueError, match="0 or more"):
+        quantize.float_prefix(prepared, -1)
+
+
+def test_a_float_prefix_leaves_the_first_convolution_and_the_input_unquantised(mobilenet, tmp_path):
+    _, fp32, prepared = mobilenet
+    setting = quantize.Setting("U8", False, "MinMax", float_convs=1)
+    assert setting.name == "U8S8 MinMax, first 1 conv FP32"
+    assert quantize.Setting("U8", False, "MinMax", float_convs=4).name == "U8S8 MinMax, first 4 convs FP32"
+
+    def first_conv_and_input(path):
+        graph = onnx.load(str(path)).graph
+        inits = {i.name: i.data_type for i in graph.initializer}
+        conv = next(n for n in graph.node if n.op_type == "Conv")
+        input_quantised = any(n.op_type == "QuantizeLinear" and graph.input[0].name in n.input for n in graph.node)
+        return inits.get(conv.input[1]), input_quantised
+
+    plain = quantize.quantize(prepared, tmp_path / "plain.onnx", inputs(4), quantize.Setting("U8", False, "MinMax"))
+    kept = quantize.quantize(prepared, tmp_path / "kept.onnx", inputs(4), setting)
+    assert first_conv_and_input(plain) == (None, True)  # weight dequantised from an int8 initialiser, input rounded
+    assert first_conv_and_input(kept) == (onnx.TensorProto.FLOAT, False)
+    x = inputs(8, seed=2)
+    assert runtime.run(runtime.session(kept), x).shape == (8, 4)
+
+
+def test_search_escalates_the_float_prefix_only_until_a_setting_is_fit(mobilenet, tmp_path):
+    _, _, prepared = mobilenet
+    calls = []
+
+    def evaluate(path):  # the third model (first 2 convolutions in FP32) is the first within the limits
+        calls.append(path)
+        return {"fit": len(calls) >= 3, "miss_rate_rise": 0.0, "macro_recall_drop": 0.05 / len(calls),
+                "agreement": 0.9, "mean_abs_logit_diff": 0.1, "batch1_p50_ms": 1.0}
+
+    settings = [quantize.Setting("S8", False, "MinMax")]
+    rows, paths = quantize.search(prepared, inputs(4), settings, evaluate, work_dir=tmp_path,
+                                  then=quantize.escalate(5))
+    assert [r["float_convs"] for r in rows] == [0, 1, 2] and len(paths) == 3
+    assert rows[-1]["setting"] == "S8S8 MinMax, first 2 convs FP32"
+    table = pd.DataFrame(rows).set_index("setting")
+    assert quantize.choose(table) == rows[-1]["setting"]
+    assert "the first 1 to 2 convolutions in FP32" in quantize.escalation_note(table)
+    assert quantize.escalation_note(table.iloc[:1]) == ""
+    # the limit ends it, and a fit plain setting never starts it
+    calls.clear()
+    rows, _ = quantize.search(prepared, inputs(4), settings, evaluate, work_dir=tmp_path, then=quantize.escalate(1))
+    assert [r["float_convs"] for r in rows] == [0, 1] and not any(r["fit"] for r in rows)
+    assert quantize.escalate(5)([{"setting": "a", **vars(settings[0]), **evaluate(None)} | {"fit": True}]) is None
