@@ -148,6 +148,9 @@ SCHEMA: dict[str, Param] = {
     "review_target_accuracy": Param(_NUM, "the operating point: accuracy the auto-classified validation images must "
                                           "reach; the review threshold (in the bundle) is the lowest calibrated "
                                           "confidence that meets it and review_max_miss"),
+    "review_extra_errors": Param(int, "operating point: wrong images added to the validation count before the "
+                                      "accuracy target is checked (1 = the add-one estimate (errors + 1) / (auto + "
+                                      "1)); 0 = the plain validation accuracy"),
     "review_max_miss": Param(_NUM, "the operating point: largest miss rate (defects called clean) among the "
                                    "auto-classified validation images"),
     "bootstrap_resamples": Param(int, "bootstrap resamples behind the 95% intervals of the headline figures"),

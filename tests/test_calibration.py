@@ -99,6 +99,17 @@ def test_operating_point_is_the_lowest_threshold_that_meets_the_targets():
     assert not none["met"] and none["auto"] == 0 and none["coverage"] == 0.0 and none["threshold"] > 1.0
     at = calibration.auto_figures(prob, y, CLASSES, point["threshold"])
     assert at["auto"] == 5 and at["auto_errors"] == 0
+    # one error added to the count: 5 right of 6 auto-classified (threshold 0.70) reads 5 / 7, short of 0.8;
+    # 5 of 5 (0.75) reads 5 / 6 and qualifies; at 0.85 none does (4 right of 5 at 0.80, 3 of 4 at 0.85, ...)
+    plain = calibration.choose_threshold(prob, y, CLASSES, target_accuracy=0.8, max_miss_rate=0.5)
+    margined = calibration.choose_threshold(prob, y, CLASSES, target_accuracy=0.8, max_miss_rate=0.5, extra_errors=1)
+    assert plain["threshold"] == pytest.approx(0.70, abs=2e-6) and plain["auto_accuracy"] == 5 / 6
+    assert margined["threshold"] == pytest.approx(0.75, abs=2e-6) and margined["met"] and margined["extra_errors"] == 1
+    assert margined["auto_accuracy"] == 1.0  # the figure reported is the plain one
+    assert not calibration.choose_threshold(prob, y, CLASSES, target_accuracy=0.85, max_miss_rate=0.5,
+                                            extra_errors=1)["met"]
+    with pytest.raises(ValueError, match="extra_errors"):
+        calibration.choose_threshold(prob, y, CLASSES, target_accuracy=0.8, max_miss_rate=0.5, extra_errors=-1)
     per_class = calibration.per_class_at(prob, y, CLASSES, point["threshold"])
     assert per_class.loc["bridge", "auto-classified"] == 2 and per_class.loc["bridge", "recall (all)"] == 2 / 3
 
