@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 from scipy.special import log_softmax, softmax
@@ -159,6 +161,22 @@ def choose_threshold(prob: np.ndarray, y: np.ndarray, classes: list[str], *, tar
         if margined >= target_accuracy and (f.get("auto_miss_rate") or 0.0) <= max_miss_rate:
             return {**f, "met": True, **targets}
     return {**auto_figures(prob, y, classes, float(np.nextafter(1.0, 2.0))), "met": False, **targets}
+
+
+def unmet_note(point: dict, images: int) -> str:
+    """Why a `choose_threshold` point was not met, for the evaluation report: the targets, and the fewest
+    error-free auto-classified validation images that could meet the accuracy target once the added
+    errors are counted ((n) / (n + k) >= target), against the validation images there are."""
+    target, k = point["target_accuracy"], point.get("extra_errors", 0)
+    text = (f"**No threshold meets the targets on validation** (accuracy {target:.1%} of the auto-classified images"
+            f"{f' with {k} more error' + ('s' if k > 1 else '') + ' counted' if k else ''}, miss rate at most "
+            f"{point['max_miss_rate']:.1%}): every image goes to review until the model improves.")
+    if k and target < 1:
+        need = math.ceil(target * k / (1 - target) - 1e-9)
+        text += (f" With {k} more error{'s' if k > 1 else ''} counted, {target:.1%} needs at least {need} auto-classified "
+                 f"validation images without an error; validation has {images}"
+                 + (", so a larger validation split is needed first." if images < need else "."))
+    return text
 
 
 def point_table(points: dict[str, dict]) -> pd.DataFrame:

@@ -202,3 +202,14 @@ def test_predict_flags_review_below_the_bundle_threshold(lite0_bundle, tmp_path)
     assert Bundle.load(model).review_threshold == middle
     assert sum(r["review"] for r in flagged) == 3
     assert all(r["review"] == (r["confidence"] < middle) for r in flagged)
+
+
+def test_unmet_note_names_the_targets_and_the_validation_images_they_need():
+    point = {"target_accuracy": 0.99, "max_miss_rate": 0.005, "extra_errors": 1}
+    note = calibration.unmet_note(point, 40)
+    assert "99.0%" in note and "1 more error counted" in note and "0.5%" in note
+    assert "at least 99 auto-classified validation images without an error; validation has 40, so a larger" in note
+    assert "larger" not in calibration.unmet_note(point, 180)
+    plain = calibration.unmet_note(point | {"extra_errors": 0}, 40)
+    assert "more error" not in plain and "at least" not in plain
+    assert "at least 3 " in calibration.unmet_note({"target_accuracy": 0.6, "max_miss_rate": 0.0, "extra_errors": 2}, 5)
