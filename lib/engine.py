@@ -425,8 +425,10 @@ def batched(fn, n: int, batch_size: int) -> np.ndarray:
     return out if out is not None else np.zeros((0, 0), np.float32)
 
 
-def logits(model: nn.Module, x: np.ndarray, batch_size: int = 64, device="cpu") -> np.ndarray:
-    """Logits of a model for input x [N, 3, H, W] (numpy), in batches, on `device`."""
+def logits(model: nn.Module, x: np.ndarray, batch_size: int = 8, device="cpu") -> np.ndarray:
+    """Logits of a model for input x [N, 3, H, W] (numpy), in batches, on `device`. Small batches are
+    the fast ones on a CPU: 180 images of EfficientNet-Lite0 at 160 px took 1.3 s in batches of 8,
+    1.8-2.1 s in 16 and 3.8-4.1 s in 64 on 2 cores (the activations of a small batch stay in cache)."""
     model = model.eval().to(device)
     return batched(lambda i, j: model(torch.from_numpy(np.ascontiguousarray(x[i:j])).to(device)).float().cpu().numpy(),
                    len(x), batch_size)
