@@ -148,6 +148,8 @@ def _card_confidence(ev: dict) -> str:
         return "n/a" if x is None else f"{100 * x:.1f} %"
 
     ece = ev["ece"]
+    k = v.get("extra_errors", 0)
+    margin = f" (counting {k} more wrong image{'s' if k > 1 else ''} than validation shows)" if k else ""
     calibrated = (f"Confidences are calibrated: temperature T = {ev['temperature']:.3f}, fitted on the validation split, "
                   f"is folded into the classifier." if ev.get("temperature_fitted", True) else
                   f"Confidences are **not** calibrated (T = 1): {ev.get('temperature_note', '')}.")
@@ -160,8 +162,8 @@ def _card_confidence(ev: dict) -> str:
 ### Confidence and review
 - {calibrated} Test ECE {ece['before']['test']:.3f} before, {ece['after']['test']:.3f} after.
 - Review threshold (in `bundle.json`, used by `lib.predict`): **{v['threshold']:.4f}**, the lowest calibrated
-  confidence at which the auto-classified validation images reach accuracy {v['target_accuracy']} with a miss rate of
-  at most {v['max_miss_rate']} ({'met' if v['met'] else 'NOT met: every image goes to review'}), chosen with the FP32
+  confidence at which the auto-classified validation images reach accuracy {v['target_accuracy']}{margin} with a miss
+  rate of at most {v['max_miss_rate']} ({'met' if v['met'] else 'NOT met: every image goes to review'}), chosen with the FP32
   model; `model.int8.onnx` uses the same threshold.
 - At that threshold on test: {t['auto']} of {t['images']} images auto-classified (coverage {pct(t['coverage'])}),
   accuracy {pct(t['auto_accuracy'])} among them ({t['auto_errors']} errors), miss rate

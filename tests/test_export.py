@@ -110,3 +110,17 @@ def test_sweep_notebook_is_stripped_and_reads_only_known_keys():
     for cell in nbformat.read(str(path), as_version=4).cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
+
+
+def test_model_card_states_the_operating_point_rule_it_was_chosen_by():
+    point = {"threshold": 0.91, "target_accuracy": 0.99, "max_miss_rate": 0.005, "met": True, "extra_errors": 1}
+    test = {"auto": 141, "images": 180, "coverage": 0.783, "auto_accuracy": 0.993, "auto_errors": 1,
+            "auto_miss_rate": 0.0, "auto_missed": 0, "auto_defects": 136}
+    ev = {"test_images": 180, "intervals": [], "temperature": 1.5, "temperature_fitted": True,
+          "ece": {"before": {"test": 0.02}, "after": {"test": 0.04}},
+          "operating_point": {"validation": point, "test": test}}
+    card = export._card_confidence(ev)
+    assert "accuracy 0.99 (counting 1 more wrong image than validation shows) with a miss" in card
+    assert "141 of 180 images auto-classified" in card
+    plain = export._card_confidence(ev | {"operating_point": {"validation": point | {"extra_errors": 0}, "test": test}})
+    assert "counting" not in plain and "accuracy 0.99 with a miss" in plain
