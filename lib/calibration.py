@@ -175,7 +175,8 @@ def unmet_note(point: dict, images: int) -> str:
         need = math.ceil(target * k / (1 - target) - 1e-9)
         text += (f" With {k} more error{'s' if k > 1 else ''} counted, {target:.1%} needs at least {need} auto-classified "
                  f"validation images without an error; validation has {images}"
-                 + (", so a larger validation split is needed first." if images < need else "."))
+                 + (", so a larger validation split is needed first." if images < need else
+                    ", and at no threshold did the auto-classified ones reach the targets."))
     return text
 
 

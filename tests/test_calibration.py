@@ -209,7 +209,8 @@ def test_unmet_note_names_the_targets_and_the_validation_images_they_need():
     note = calibration.unmet_note(point, 40)
     assert "99.0%" in note and "1 more error counted" in note and "0.5%" in note
     assert "at least 99 auto-classified validation images without an error; validation has 40, so a larger" in note
-    assert "larger" not in calibration.unmet_note(point, 180)
+    enough = calibration.unmet_note(point, 180)
+    assert "larger" not in enough and "validation has 180, and at no threshold did" in enough
     plain = calibration.unmet_note(point | {"extra_errors": 0}, 40)
     assert "more error" not in plain and "at least" not in plain
     assert "at least 3 " in calibration.unmet_note({"target_accuracy": 0.6, "max_miss_rate": 0.0, "extra_errors": 2}, 5)
