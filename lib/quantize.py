@@ -268,7 +268,8 @@ def quantize(prepared: str | Path, out: str | Path, calib_x: np.ndarray, setting
                 activation_type=QuantType.QInt8 if setting.activation == "S8" else QuantType.QUInt8,
                 weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, setting.calibration),
                 calibration_cache_path=str(cache) if cache else None,
-                nodes_to_exclude=classifier_nodes(prepared) + float_prefix(prepared, setting.float_convs), extra_options={"CalibStridedMinMax": chunk},
+                nodes_to_exclude=classifier_nodes(prepared) + float_prefix(prepared, setting.float_convs),
+                extra_options={"CalibStridedMinMax": chunk},
             )
             onnx_tmp.replace(tmp)
         finally:
@@ -449,8 +450,9 @@ def correction_note(corrections: dict) -> str:
 
 
 # How the selection table's columns read in the export report.
-COLUMN_NAMES = {"float_convs": "leading convs in FP32", "macro_recall": "val macro recall", "macro_recall_drop": "val macro-recall drop",
-                "miss_rate_rise": "val miss-rate rise", "fit": "within limits", "agreement": "val agreement with FP32",
+COLUMN_NAMES = {"float_convs": "leading convs in FP32", "macro_recall": "val macro recall",
+                "macro_recall_drop": "val macro-recall drop", "miss_rate_rise": "val miss-rate rise",
+                "fit": "within limits", "agreement": "val agreement with FP32",
                 "mean_abs_logit_diff": "val mean abs logit diff", "test_macro_recall_drop": "test macro-recall drop",
                 "test_miss_rate_rise": "test miss-rate rise", "test_agreement": "test agreement with FP32",
                 "batch1_p50_ms": "batch-1 p50 (ms)"}
