@@ -168,12 +168,13 @@ def unmet_note(point: dict, images: int) -> str:
     error-free auto-classified validation images that could meet the accuracy target once the added
     errors are counted ((n) / (n + k) >= target), against the validation images there are."""
     target, k = point["target_accuracy"], point.get("extra_errors", 0)
+    added = f"{k} more error{'s' if k > 1 else ''} counted"
     text = (f"**No threshold meets the targets on validation** (accuracy {target:.1%} of the auto-classified images"
-            f"{f' with {k} more error' + ('s' if k > 1 else '') + ' counted' if k else ''}, miss rate at most "
+            f"{f' with {added}' if k else ''}, miss rate at most "
             f"{point['max_miss_rate']:.1%}): every image goes to review until the model improves.")
     if k and target < 1:
         need = math.ceil(target * k / (1 - target) - 1e-9)
-        text += (f" With {k} more error{'s' if k > 1 else ''} counted, {target:.1%} needs at least {need} auto-classified "
+        text += (f" With {added}, {target:.1%} needs at least {need} auto-classified "
                  f"validation images without an error; validation has {images}"
                  + (", so a larger validation split is needed first." if images < need else
                     ", and at no threshold did the auto-classified ones reach the targets."))
