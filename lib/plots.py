@@ -186,11 +186,15 @@ def latency_bars(rows: pd.DataFrame):
 
 def fold_scatter(results):
     """Macro recall of every fold (dots) and the mean ± std (black) per configuration."""
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(results) + 1.2))
+    import textwrap
+
+    labels = [textwrap.fill(r.config, 56) for r in results]  # a configuration line runs to 200 characters
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(11, 0.16 * lines + 0.35 * len(results) + 1.0))
     for i, r in enumerate(results):
         ax.scatter(r.folds["macro recall"], [i] * len(r.folds), color="C0", alpha=0.6)
         ax.errorbar(r.folds["macro recall"].mean(), i, xerr=r.folds["macro recall"].std(ddof=1), fmt="o", color="k")
-    ax.set_yticks(range(len(results)), [r.config for r in results], fontsize=8)
+    ax.set_yticks(range(len(results)), labels, fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_xlabel("macro recall per fold (dots), mean ± std")
     ax.grid(alpha=0.3)

@@ -111,3 +111,25 @@ def test_repeated_folds_use_one_seed_per_repeat_and_keep_groups_whole():
     assert list(fold_one.columns) == ["fold"] and (fold_one["fold"] == fold_of["fold r1"]).all()
     with pytest.raises(ValueError, match="cv_repeats"):
         cv.repeated_folds(df, y, 4, 7, repeats=0)
+
+
+def test_fold_scatter_keeps_long_configuration_lines_readable():
+    """Own-data configuration lines run to 200 characters: the figure wraps them instead of
+    squeezing the plot away (matplotlib warns when tight_layout cannot fit the labels)."""
+    import warnings
+    from types import SimpleNamespace
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from lib import plots
+
+    line = ("arch:efficientnet_lite1 weights:imagenet recipe:partial image_size:240 freeze_blocks:16 cache_views:4 "
+            "epochs:30 label_smoothing:0.1 aug_shot:30 aug_flip:false aug_rot90:false ema_decay:0.995")
+    results = [SimpleNamespace(config=f"{line} seed:{i}", folds=pd.DataFrame({"macro recall": [0.8, 0.85, 0.9]}))
+               for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.fold_scatter(results)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(labels) == 6 and all(max(len(part) for part in t.split("\n")) <= 56 for t in labels)
+    assert labels[0].replace("\n", " ") == f"{line} seed:0"
