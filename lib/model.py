@@ -31,9 +31,10 @@ from torch import nn
 from torchvision.models import MobileNetV2
 
 from lib.io import file_digest
+from lib.params import SCHEMA
 
-LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-ARCHS = ("mobilenet_v2",) + LITES
+ARCHS = SCHEMA["arch"].choices  # one list: the parameter schema's
+LITES = tuple(a for a in ARCHS if a.startswith("efficientnet_lite"))
 WIDTHS = (1.0, 0.75, 0.5, 0.35)
 FEATURES = 1280  # pooled features of every network (MobileNetV2 keeps 1280 for widths <= 1; the Lites fix it)
 DOWNLOAD_TIMEOUT_S = 30
