@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import numpy as np
 import pandas as pd
 import torch
@@ -25,12 +28,18 @@ def cam_layer(model: nn.Module) -> tuple[nn.Module, bool]:
     return model.features._avg_pooling, True  # EfficientNet-Lite: the activated head convolution feeds the pooling
 
 
+@contextmanager
+def _quiet_tqdm_auto():
+    """captum and cleanlab import tqdm.auto, which warns (into the rendered report) when imported in a
+    Jupyter kernel without ipywidgets; that warning, and only it, is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        yield
+
+
 def gradcam(model: nn.Module, gray: np.ndarray, targets: np.ndarray, *, device="cpu", batch_size: int = 16) -> np.ndarray:
     """Grad-CAM maps [N, H, W] on 0-1 of cached grayscale images [N, 1, H, W] for the given classes."""
-    import warnings
-
-    with warnings.catch_warnings():  # captum imports tqdm.auto, which warns in a kernel without ipywidgets
-        warnings.simplefilter("ignore")
+    with _quiet_tqdm_auto():
         from captum.attr import LayerAttribution, LayerGradCam
 
     model = model.eval().to(device)
@@ -79,7 +88,8 @@ def out_of_fold_probe(features: np.ndarray, y: np.ndarray, n_classes: int, *, fo
 def label_issues(y: np.ndarray, prob: np.ndarray, classes: list[str], limit: int | None = None) -> pd.DataFrame:
     """The images cleanlab flags as probably mislabelled, most likely first: position, given label,
     the label the model suggests, and the self-confidence (out-of-fold probability of the given label)."""
-    from cleanlab.filter import find_label_issues
+    with _quiet_tqdm_auto():
+        from cleanlab.filter import find_label_issues
 
     y = np.asarray(y)
     present = np.bincount(y, minlength=len(classes)) > 0

@@ -35,3 +35,31 @@ def test_gradcam_maps_are_per_image_on_0_1_and_follow_the_target():
     maps = explain.gradcam(m, gray, np.array([0, 1, 2, 0]))
     assert maps.shape == (4, 64, 64) and maps.min() >= 0 and maps.max() <= 1 + 1e-6
     assert not any(p.grad is not None for p in m.parameters())  # no gradients left on the model
+
+
+def test_label_issues_and_gradcam_print_no_tqdm_warning_inside_a_kernel():
+    # cleanlab and captum import tqdm.auto, which warns into the rendered report when it finds a
+    # Jupyter kernel and no ipywidgets; a fresh interpreter posing as such a kernel must stay quiet
+    import subprocess
+    import sys
+
+    code = """
+import sys, types, warnings
+shell = types.ModuleType("ipykernel.zmqshell")
+sys.modules["ipykernel.zmqshell"] = shell
+class ZMQInteractiveShell: pass
+import IPython
+IPython.get_ipython = lambda: ZMQInteractiveShell()
+sys.modules["ipywidgets"] = None  # as in the project's environment: not installed
+import numpy as np, torch
+from lib import explain, model as net
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    explain.label_issues(np.array([0, 1, 0, 1]), np.full((4, 2), 0.5), ["a", "b"])
+    explain.gradcam(net.build_model(2, image_size=32).eval(), np.zeros((1, 1, 32, 32), np.float32), np.array([0]))
+print([str(w.message) for w in caught])
+import tqdm.autonotebook  # the simulated kernel was seen: tqdm fell back to its console bar
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("lib.params").params.ROOT))
+    assert "IProgress" not in out.stdout + out.stderr, out.stdout + out.stderr
