@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from lib import explain, model as net
+from lib import explain, model as net, params
 
 
 def test_label_issues_rank_planted_wrong_labels_first():
@@ -51,15 +51,14 @@ class ZMQInteractiveShell: pass
 import IPython
 IPython.get_ipython = lambda: ZMQInteractiveShell()
 sys.modules["ipywidgets"] = None  # as in the project's environment: not installed
-import numpy as np, torch
+import numpy as np
 from lib import explain, model as net
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     explain.label_issues(np.array([0, 1, 0, 1]), np.full((4, 2), 0.5), ["a", "b"])
     explain.gradcam(net.build_model(2, image_size=32).eval(), np.zeros((1, 1, 32, 32), np.float32), np.array([0]))
 print([str(w.message) for w in caught])
-import tqdm.autonotebook  # the simulated kernel was seen: tqdm fell back to its console bar
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(__import__("lib.params").params.ROOT))
+                         cwd=str(params.ROOT))
     assert "IProgress" not in out.stdout + out.stderr, out.stdout + out.stderr
