@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from lib.metrics import macro_recall
 from lib.preprocess import normalize
 
+PROGRESS_SECONDS = 15.0  # the epoch bar's shortest interval between refreshes
+
 
 def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
     """Seed Python, numpy and torch; optionally force deterministic kernels."""
@@ -322,7 +324,8 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     if progress and main:
         from tqdm import tqdm  # plain text: reports render it without widgets
 
-        bar = tqdm(total=epochs, initial=first - 1, desc="epochs", unit="epoch")
+        # at most one line per PROGRESS_SECONDS: a rendered report keeps every refresh as a line of its own
+        bar = tqdm(total=epochs, initial=first - 1, desc="epochs", unit="epoch", mininterval=PROGRESS_SECONDS)
     for epoch in range(first, epochs + 1):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)  # DistributedSampler: this epoch's permutation
@@ -345,9 +348,9 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
         row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         result.history.append(row)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(train_loss=f"{tr['loss']:.3f}",
+            bar.set_postfix(train_loss=f"{tr['loss']:.3f}", refresh=False,
                             **({"val_recall": f"{va['macro_recall']:.3f}"} if val_loader is not None else {}))
+            bar.update(1)
         if val_loader is None:
             save_state(epoch)
             if after_epoch is not None:

@@ -148,3 +148,17 @@ def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(tmp_path):
     again = run()
     assert again.stopped_early and len(again.history) == len(first.history)
     assert again.images_per_second == first.images_per_second
+
+
+def test_the_epoch_bar_writes_a_few_lines_not_two_per_epoch(capsys):
+    """A rendered report keeps every refresh of the bar as a line: a fast 20-epoch fit shows its start
+    and its end (with the last losses), not 40 refreshes."""
+    g = engine.seed_everything(0)
+    gray, y = _stripes()
+    loader = engine.make_loader(engine.GrayDataset(gray, y), batch_size=8, train=True, generator=g)
+    val = engine.make_loader(engine.GrayDataset(gray, y), batch_size=24, train=False, generator=g)
+    engine.fit(_Tiny(), loader, val, n_classes=3, epochs=20, lr=3e-3, weight_decay=0.0, warmup_epochs=1,
+               patience=50, device="cpu", criterion=nn.CrossEntropyLoss(), on_best=lambda *a: None, progress=True)
+    refreshes = [s for s in capsys.readouterr().err.replace("\r", "\n").split("\n") if s.startswith("epochs:")]
+    assert 2 <= len(refreshes) <= 4, refreshes
+    assert refreshes[-1].startswith("epochs: 100%") and "20/20" in refreshes[-1] and "val_recall=" in refreshes[-1]
