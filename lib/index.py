@@ -108,6 +108,10 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _tenths(v) -> str:
+    return "–" if v is None else f"{float(v):.1f}"
+
+
 def build_index(build: Path, reports: Path, venv: Path | None = None) -> Path:
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in headline(build).items())
     stage_rows = []
@@ -116,12 +120,12 @@ def build_index(build: Path, reports: Path, venv: Path | None = None) -> Path:
     render = _json(build / "dataset.json").get("render_seconds")
     for label, secs in (("environment (creating .venv; once per clone)", env.get("seconds")),
                         ("rendering the embedded dataset (when it changes)", render)):
-        stage_rows.append(f"<tr><td>{html.escape(label)}</td><td></td><td>{_fmt(secs)}</td><td>–</td></tr>")
+        stage_rows.append(f"<tr><td>{html.escape(label)}</td><td></td><td>{_tenths(secs)}</td><td>–</td></tr>")
     for name, what in STAGES:
         secs, rss = stage_figures(build / "notebooks" / f"{name}.ipynb")
         total += secs or 0
         stage_rows.append(f"<tr><td><a href='{name}.html'>{name}</a></td><td>{html.escape(what)}</td>"
-                          f"<td>{_fmt(secs)}</td><td>{_fmt(rss)}</td></tr>")
+                          f"<td>{_tenths(secs)}</td><td>{_tenths(rss)}</td></tr>")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SEM defect classification: reports</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}}

@@ -6,6 +6,7 @@ Needs Debian's chromium and chromium-driver (`.ci/run` installs them); skipped, 
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -60,3 +61,7 @@ def test_the_index_links_every_report(browser, smoke_run):
     assert severe == [] and "Headline figures" in text
     links = browser.execute_script("return Array.from(document.links).map(a => a.getAttribute('href'));")
     assert [f"{s}.html" for s in STAGES] == links
+    # every stage's wall time and peak memory to one decimal (a stage under 10 s once showed 5.9519)
+    cells = browser.execute_script("return Array.from(document.querySelectorAll('table')[1].rows).slice(1, -1)"
+                                   ".map(r => [r.cells[2].textContent, r.cells[3].textContent]);")
+    assert len(cells) == len(STAGES) + 2 and all(re.fullmatch(r"\d+\.\d|–", c) for row in cells for c in row), cells
