@@ -60,6 +60,18 @@ def parse_configs(texts: list[str], base: dict) -> list[Config]:
     return [parse_config(t, base) for t in texts]
 
 
+def short_names(configs: list[Config]) -> list[str]:
+    """Each configuration named by the parameters it changes from the first (the reference), e.g.
+    ``epochs:60``: what tables and figures show in place of lines that run to 200 characters."""
+    ref, names = configs[0].P, []
+    for i, c in enumerate(configs):
+        raw = dict(token.partition(":")[::2] for token in c.text.split())
+        changed = " ".join(f"{k}:{raw.get(k, c.P[k])}" for k in c.P if c.P[k] != ref.get(k))
+        name = "reference" if i == 0 else changed or "the reference again"
+        names.append(name if name not in names else f"{name} (#{i + 1})")
+    return names
+
+
 def audit_groups(df: pd.DataFrame, phash_threshold: int, dhash_threshold: int, workers: int = 2) -> pd.DataFrame:
     """Duplicate groups of the files in df (path, class) and which file represents each group.
 

@@ -133,3 +133,14 @@ def test_fold_scatter_keeps_long_configuration_lines_readable():
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(labels) == 6 and all(max(len(part) for part in t.split("\n")) <= 56 for t in labels)
     assert labels[0].replace("\n", " ") == f"{line} seed:0"
+
+
+def test_short_names_say_what_each_configuration_changes_from_the_reference():
+    base = params.read_file(params.BASE) | {"cache_views": 8, "aug_shot": 0.0}
+    ref = "arch:efficientnet_lite0 recipe:partial epochs:30 aug_shot:30 aug_flip:false"
+    configs = cv.parse_configs([ref, f"{ref} epochs:60", "recipe:partial epochs:30 aug_flip:false",
+                                f"{ref} ema_decay:0.995 cache_views:4", ref, ref], base)
+    names = cv.short_names(configs)
+    # a key the reference sets and another line leaves out shows the base value; keys in schema order
+    assert names == ["reference", "epochs:60", "aug_shot:0.0", "cache_views:4 ema_decay:0.995",
+                     "the reference again", "the reference again (#6)"]
