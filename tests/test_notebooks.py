@@ -63,6 +63,7 @@ def test_cross_validation_report_runs_two_folds_and_leaves_the_data_alone(cv_run
     for text in ("no duplicate group crosses folds", "Robustness to shift", "2 fold assignments", "vs reference",
                  "worst fold", "Label-issue audit", "images flagged"):
         assert text in html, text
+    assert ">reference</th>" in html and ">probe_c:0.05</th>" in html  # rows named by what they change
     groups = (tmp / "build" / "cv" / "groups.csv").read_text().splitlines()[0]
     assert groups.endswith("fold r1,fold r2")
 
