@@ -195,6 +195,7 @@ def fold_scatter(results):
         ax.scatter(r.folds["macro recall"], [i] * len(r.folds), color="C0", alpha=0.6)
         ax.errorbar(r.folds["macro recall"].mean(), i, xerr=r.folds["macro recall"].std(ddof=1), fmt="o", color="k")
     ax.set_yticks(range(len(results)), labels, fontsize=8)
+    ax.invert_yaxis()  # top to bottom in the order of the tables
     ax.set_xlim(0, 1)
     ax.set_xlabel("macro recall per fold (dots), mean ± std")
     ax.grid(alpha=0.3)
