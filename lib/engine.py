@@ -325,7 +325,9 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
         from tqdm import tqdm  # plain text: reports render it without widgets
 
         # at most one line per PROGRESS_SECONDS: a rendered report keeps every refresh as a line of its own
-        bar = tqdm(total=epochs, initial=first - 1, desc="epochs", unit="epoch", mininterval=PROGRESS_SECONDS)
+        # (miniters=1 also keeps tqdm's monitor thread from forcing a refresh after 10 s without one)
+        bar = tqdm(total=epochs, initial=first - 1, desc="epochs", unit="epoch", mininterval=PROGRESS_SECONDS,
+                   miniters=1)
     for epoch in range(first, epochs + 1):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)  # DistributedSampler: this epoch's permutation
