@@ -123,19 +123,27 @@ def train_mode(model: nn.Module, frozen=()) -> None:
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, progress=None, frozen=(),
-                    ema=None, precision: str = "fp32", scaler=None) -> dict:
+                    ema=None, precision: str = "fp32", scaler=None, mixup: float = 0.0) -> dict:
     """One pass over the loader; `precision` bf16 / fp16 runs the forward pass under autocast (fp16
-    with `scaler`, a torch.amp.GradScaler). Returns mean loss and accuracy, their sums, the images
-    seen and the seconds taken."""
+    with `scaler`, a torch.amp.GradScaler). `mixup` > 0 blends each batch with a shuffled copy of
+    itself at a weight drawn from Beta(mixup, mixup), folded to at least 0.5, and mixes the loss alike
+    (Zhang et al. 2018; on cached activations this is manifold mixup); accuracy counts the larger
+    share's label. Returns mean loss and accuracy, their sums, the images seen and the seconds taken."""
     train_mode(model, frozen)
     total_loss, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
     for x, y in loader:
         x = x.to(device, memory_format=torch.channels_last, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        if mixup > 0:
+            lam = float(torch.distributions.Beta(mixup, mixup).sample())
+            lam, perm = max(lam, 1.0 - lam), torch.randperm(len(y), device=y.device)
+            x = lam * x + (1.0 - lam) * x[perm]
         with autocast(device, precision):
             logits = model(x)
         loss = criterion(logits.float(), y)
+        if mixup > 0:
+            loss = lam * loss + (1.0 - lam) * criterion(logits.float(), y[perm])
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -217,7 +225,7 @@ def _set_rng_states(states: dict, loader) -> None:
 def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: float, weight_decay: float,
         warmup_epochs: float, patience: int, device, criterion, on_best, progress: bool = True,
         body_lr_mult: float = 1.0, frozen=(), ema_decay: float = 0.0, resume=None, resume_key: str = "",
-        after_epoch=None, dist=None, precision: str = "fp32") -> FitResult:
+        after_epoch=None, dist=None, precision: str = "fp32", mixup: float = 0.0) -> FitResult:
     """AdamW + warm-up/cosine; early stopping on validation macro recall.
 
     `on_best(model, epoch, val_metrics)` is called whenever validation macro recall improves
@@ -227,7 +235,8 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
     Fine-tuning controls: the body (`model.features`) learns at `lr * body_lr_mult` and the
     head at `lr`; `frozen` blocks (see `freeze`) get no updates and keep BatchNorm in eval
     mode; `ema_decay` > 0 keeps an exponential moving average of the weights (and BatchNorm
-    buffers), which is what gets evaluated and handed to `on_best`.
+    buffers), which is what gets evaluated and handed to `on_best`; `mixup` > 0 trains on mixed
+    batches (see `train_one_epoch`).
 
     Resume: with `resume` (a file path), the whole training state is written there atomically after
     every epoch: model, optimizer, scheduler, EMA, the Python / numpy / torch / loader RNG states,
@@ -332,7 +341,7 @@ def fit(model, train_loader, val_loader, *, n_classes: int, epochs: int, lr: flo
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)  # DistributedSampler: this epoch's permutation
         tr = train_one_epoch(forward, train_loader, criterion, optimizer, scheduler, device, frozen=frozen, ema=ema,
-                             precision=precision, scaler=scaler)
+                             precision=precision, scaler=scaler, mixup=mixup)
         if dist is not None:
             every = gather(tr)
             sums = [sum(t[k] for t in every) for k in ("loss_sum", "correct", "seen")]

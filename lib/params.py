@@ -109,6 +109,8 @@ SCHEMA: dict[str, Param] = {
     "freeze_blocks": Param(int, "blocks of the body, stem first, kept frozen while fine-tuning (0 = none)"),
     "label_smoothing": Param(_NUM, "label smoothing of the cross-entropy (0 = off)"),
     "ema_decay": Param(_NUM, "exponential moving average of the weights per step, evaluated and saved (0 = off)"),
+    "mixup": Param(_NUM, "mixup: blend each training batch with a shuffled copy at a Beta(mixup, mixup) weight, the "
+                         "loss alike (recipe partial: on the cached activations; 0 = off)"),
     "dropout": Param(_NUM, "dropout before the linear classifier"),
     "epochs": Param(int, "maximum training epochs"),
     "batch_size": Param(int, "training batch size"),

@@ -331,7 +331,7 @@ def _train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, gener
                   device=device, criterion=criterion, on_best=best, progress=progress,
                   body_lr_mult=P["body_lr_mult"] if out.recipe in ("lpft", "partial") else 1.0, frozen=frozen,
                   ema_decay=P["ema_decay"], resume=resume, resume_key=resume_key, after_epoch=after_epoch,
-                  dist=dist, precision=precision_for(device, P.get("precision", "auto")))
+                  dist=dist, precision=precision_for(device, P.get("precision", "auto")), mixup=P["mixup"])
     out.model = out.fit.last.net if top is not None else out.fit.last
     return out
 

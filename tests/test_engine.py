@@ -162,3 +162,34 @@ def test_the_epoch_bar_writes_a_few_lines_not_two_per_epoch(capsys):
     refreshes = [s for s in capsys.readouterr().err.replace("\r", "\n").split("\n") if s.startswith("epochs:")]
     assert 2 <= len(refreshes) <= 4, refreshes
     assert refreshes[-1].startswith("epochs: 100%") and "20/20" in refreshes[-1] and "val_recall=" in refreshes[-1]
+
+
+def test_mixup_blends_each_image_with_one_other_and_mixes_the_loss_alike():
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.linear(x.flatten(1))
+
+    torch.manual_seed(0)
+    model = Recording()
+    x, y = torch.eye(8).reshape(8, 8, 1, 1), torch.arange(8)  # image i is the unit vector of class i
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing moves: the loss can be recomputed
+    scheduler = engine.warmup_cosine(optimizer, warmup_steps=1, total_steps=4)
+    plain = engine.train_one_epoch(model, [(x, y)], nn.CrossEntropyLoss(), optimizer, scheduler, "cpu")
+    assert torch.equal(seen[0], x) and plain["seen"] == 8
+    mixed = engine.train_one_epoch(model, [(x, y)], nn.CrossEntropyLoss(), optimizer, scheduler, "cpu", mixup=1.0)
+    blend = seen[1].flatten(1)
+    lam = blend.diagonal()  # each image keeps the larger share of itself ...
+    assert torch.allclose(lam, lam[0].expand(8)) and 0.5 <= lam[0] < 1.0
+    partner = (blend - torch.diag(lam)).argmax(1)  # ... and takes the rest from one other image
+    assert sorted(partner.tolist()) == list(range(8)) and (partner != torch.arange(8)).any()
+    assert torch.allclose(blend.sum(1), torch.ones(8))
+    logits = model.linear(blend)
+    expected = lam[0] * nn.functional.cross_entropy(logits, y) + (1 - lam[0]) * nn.functional.cross_entropy(logits, partner)
+    assert abs(mixed["loss"] - expected.item()) < 1e-5
