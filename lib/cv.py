@@ -302,6 +302,19 @@ def group_table(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     return table
 
 
+# parameters that cannot change one configuration's result: the list of the others
+NOT_IN_RESULT_KEY = ("cv_configs",)
+
+
+def result_key(c: Config, data_key: str, splits, shift_names) -> tuple:
+    """What one configuration's cached result depends on: its line and parameters (but not the other
+    lines of `cv_configs`, so adding a configuration reuses the rows already run), the data, the
+    folds and the shifts."""
+    folds_key = [hashlib.sha256(np.asarray(te).tobytes()).hexdigest()[:8] for _, te in splits]
+    own = sorted((k, v) for k, v in c.P.items() if k not in NOT_IN_RESULT_KEY)
+    return c.text, own, data_key, folds_key, list(shift_names)
+
+
 def run_all(configs: list[Config], gray_by_size: dict, y: np.ndarray, splits, representative: np.ndarray,
             labels: list[str], *, device, shift_names, build_dir, cache_dir, data_key: str, k: int | None = None,
             log=print) -> list[ConfigResult]:
@@ -315,8 +328,7 @@ def run_all(configs: list[Config], gray_by_size: dict, y: np.ndarray, splits, re
     results, feature_cache = [], {}
     for c in configs:
         log(c.text)
-        folds_key = [hashlib.sha256(np.asarray(te).tobytes()).hexdigest()[:8] for _, te in splits]
-        r, reused = cached(cache_dir, (c.text, sorted(c.P.items()), data_key, folds_key, list(shift_names)),
+        r, reused = cached(cache_dir, result_key(c, data_key, splits, shift_names),
                            lambda c=c: run_config(c, gray_by_size[c.P["image_size"]], y, splits, representative,
                                                   labels, device=device, shift_names=shift_names,
                                                   build_dir=build_dir, feature_cache=feature_cache, log=log,

@@ -144,3 +144,17 @@ def test_short_names_say_what_each_configuration_changes_from_the_reference():
     # a key the reference sets and another line leaves out shows the base value; keys in schema order
     assert names == ["reference", "epochs:60", "aug_shot:0.0", "cache_views:4 ema_decay:0.995",
                      "the reference again", "the reference again (#6)"]
+
+
+def test_adding_a_configuration_keeps_the_cached_keys_of_those_already_run():
+    base = params.read_file(params.BASE)
+    splits = cv.folds(np.repeat(np.arange(4), 6), np.arange(24), 3, 0)
+    ref, other = "recipe:probe epochs:3", "recipe:probe epochs:3 probe_c:0.05"
+    alone = cv.parse_configs([ref], {**base, "cv_configs": [ref]})
+    both = cv.parse_configs([ref, other], {**base, "cv_configs": [ref, other]})
+    key = cv.result_key(alone[0], "data", splits, ["blur"])
+    assert cv.result_key(both[0], "data", splits, ["blur"]) == key
+    assert cv.result_key(both[1], "data", splits, ["blur"]) != key  # what does change the result still counts
+    assert cv.result_key(alone[0], "other data", splits, ["blur"]) != key
+    assert cv.result_key(alone[0], "data", cv.folds(np.repeat(np.arange(4), 6), np.arange(24), 3, 1), ["blur"]) != key
+    assert cv.result_key(cv.parse_config(ref, {**base, "seed": 1}), "data", splits, ["blur"]) != key
