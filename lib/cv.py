@@ -125,6 +125,35 @@ def decoded(paths, sizes, cache_dir: str | Path, *, resize: str, background: flo
     return out
 
 
+# Test-time averaging: the softmax probabilities of an image averaged over views of it. The first four
+# views of `dihedral` (the image, its two mirror images, its half turn) keep the orientation of a
+# line/space pattern; all eight (the symmetries of the square) also turn it by a quarter.
+TTA_VIEWS = {"flips": 4, "flips and quarter turns": 8}
+
+
+def dihedral(x: np.ndarray, i: int) -> np.ndarray:
+    """View i (0-7) of images x [..., H, W] under the symmetries of the square: 0 as given, 1 mirrored
+    left-right, 2 upside down, 3 both (a half turn); 4-7 the same after swapping rows and columns
+    (a transpose, then the two quarter turns and the anti-transpose). Square images keep their shape."""
+    if not 0 <= i < 8:
+        raise ValueError(f"dihedral view {i}: there are 8 (0-7)")
+    if i >= 4:
+        x = np.swapaxes(x, -1, -2)
+    if i % 4 in (1, 3):
+        x = x[..., ::-1]
+    if i % 4 in (2, 3):
+        x = x[..., ::-1, :]
+    return np.ascontiguousarray(x)
+
+
+def view_averaged(logits_of, x: np.ndarray, views: int) -> np.ndarray:
+    """Softmax probabilities averaged over the first `views` views of `dihedral` ([N, classes]);
+    `logits_of` maps images [N, C, H, W] to logits."""
+    from lib.calibration import probabilities
+
+    return np.mean([probabilities(logits_of(dihedral(x, i))) for i in range(views)], axis=0)
+
+
 def cache_key(*parts) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
@@ -191,15 +220,22 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
         def predict(g, model=trained.model):
             return engine.logits(model, normalize(g), device=device).argmax(1)
 
-        logit = engine.logits(trained.model, normalize(gray[test]), device=device)
+        x = normalize(gray[test])
+        logit = engine.logits(trained.model, x, device=device)
         pred = logit.argmax(1)
         proba = probabilities(logit)
+        averaged = {name: view_averaged(lambda v: engine.logits(trained.model, v, device=device), x, views).argmax(1)
+                    for name, views in TTA_VIEWS.items()}
         oof.append(pd.DataFrame({"fold": f + 1, "index": test, "true": yt, "pred": pred,
-                                 **{c: p for c, p in zip(classes, proba.T)}}))
+                                 **{c: p for c, p in zip(classes, proba.T)},
+                                 **{f"pred ({name})": p for name, p in averaged.items()}}))
         dvc = defect_vs_clean(yt, pred, classes)
         rows.append({"fold": f + 1, "repeat": f // k + 1, "train images": len(tr), "test groups": len(test),
                      "macro recall": macro_recall(yt, pred, n), "accuracy": float((pred == yt).mean()),
-                     "miss rate": dvc["miss_rate"], "seconds": time.perf_counter() - t0})
+                     "miss rate": dvc["miss_rate"], "seconds": time.perf_counter() - t0,
+                     **{f"macro recall ({name})": macro_recall(yt, p, n) for name, p in averaged.items()},
+                     **{f"miss rate ({name})": defect_vs_clean(yt, p, classes)["miss_rate"]
+                        for name, p in averaged.items()}})
         per_class.append([float((pred[yt == c] == c).mean()) if (yt == c).any() else np.nan for c in range(n)])
         np.add.at(confusion, (yt, pred), 1)
         if shift_names:
@@ -346,8 +382,6 @@ def paired(results: list[ConfigResult], k: int, reference: int = 0, level: float
     is scaled by (1/J + n_test/n_train), n_test/n_train = 1/(k - 1) for k folds, since folds share
     training data and a plain paired t-test would be overconfident. Also the folds each side won.
     """
-    from scipy import stats
-
     ref = results[reference]
     base = ref.folds.set_index("fold")["macro recall"]
     rows = []
@@ -355,17 +389,57 @@ def paired(results: list[ConfigResult], k: int, reference: int = 0, level: float
         if r is ref:
             continue
         d = 100 * (r.folds.set_index("fold")["macro recall"] - base).dropna()
-        J = len(d)
-        sd = float(d.std(ddof=1)) if J > 1 else float("nan")
-        se = sd * np.sqrt(1 / J + 1 / (k - 1)) if J > 1 else float("nan")
-        half = float(stats.t.ppf(0.5 + level / 2, J - 1) * se) if J > 1 else float("nan")
-        t = (float(d.mean()) / se if se > 0 else (0.0 if d.mean() == 0 else np.inf)) if J > 1 else float("nan")
-        rows.append({"config": r.config, "reference": ref.config, "folds": J, "difference (points)": float(d.mean()),
-                     "low": float(d.mean()) - half, "high": float(d.mean()) + half,
-                     "p": float(2 * stats.t.sf(abs(t), J - 1)) if J > 1 else float("nan"),
-                     "folds better": int((d > 1e-9).sum()), "folds worse": int((d < -1e-9).sum())})
+        rows.append({"config": r.config, "reference": ref.config, **corrected_t(d, k, level)})
     return pd.DataFrame(rows, columns=["config", "reference", "folds", "difference (points)", "low", "high", "p",
                                        "folds better", "folds worse"])
+
+
+def corrected_t(d: pd.Series, k: int, level: float = 0.95) -> dict:
+    """The corrected resampled t-test of per-fold differences d (points) from k-fold CV: the mean with
+    its `level` interval, the two-sided p-value, and the folds each side won (see `paired`)."""
+    from scipy import stats
+
+    J = len(d)
+    sd = float(d.std(ddof=1)) if J > 1 else float("nan")
+    se = sd * np.sqrt(1 / J + 1 / (k - 1)) if J > 1 else float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, J - 1) * se) if J > 1 else float("nan")
+    t = (float(d.mean()) / se if se > 0 else (0.0 if d.mean() == 0 else np.inf)) if J > 1 else float("nan")
+    return {"folds": J, "difference (points)": float(d.mean()), "low": float(d.mean()) - half,
+            "high": float(d.mean()) + half, "p": float(2 * stats.t.sf(abs(t), J - 1)) if J > 1 else float("nan"),
+            "folds better": int((d > 1e-9).sum()), "folds worse": int((d < -1e-9).sum())}
+
+
+def averaged_table(results: list[ConfigResult], k: int) -> pd.DataFrame:
+    """Test-time averaging (`TTA_VIEWS`) against the single view, per configuration: each model scored
+    on the same held-out images as given and view-averaged. Mean macro recall, worst fold, miss rate,
+    and the paired difference of the averaged to the single view (points, corrected resampled t-test).
+    Empty for results computed before view averaging was scored."""
+    rows = []
+    for r in results:
+        f = r.folds
+        for name in TTA_VIEWS:
+            col = f"macro recall ({name})"
+            if col not in f:
+                continue
+            t = corrected_t(100 * (f[col] - f["macro recall"]), k)
+            rows.append({"config": r.config, "views": name, "single view": float(f["macro recall"].mean()),
+                         "averaged": float(f[col].mean()), "worst fold, averaged": float(f[col].min()),
+                         "miss rate, averaged": float(f[f"miss rate ({name})"].mean()),
+                         "averaged − single, points [95%], p": paired_text(t),
+                         "folds better / worse": f"{t['folds better']} / {t['folds worse']}"})
+    return pd.DataFrame(rows)
+
+
+def averaged_per_class(r: ConfigResult, classes: list[str]) -> pd.DataFrame:
+    """One configuration's per-class recall (mean over folds), as given and under each test-time
+    averaging, from its out-of-fold predictions: which classes the flips and turns help or hurt."""
+    o = r.oof
+    out = {}
+    for col, name in [("pred", "single view")] + [(f"pred ({v})", v) for v in TTA_VIEWS]:
+        if col in o:
+            hit = (o[col] == o["true"]).groupby([o["fold"], o["true"]]).mean().unstack()
+            out[name] = hit.mean().rename(index=dict(enumerate(classes))).reindex(classes)
+    return pd.DataFrame(out).T
 
 
 def paired_text(row) -> str:
@@ -413,4 +487,8 @@ def record(results: list[ConfigResult], df: pd.DataFrame, root, k: int, seconds:
                          "miss_rate_mean": float(r.folds["miss rate"].mean()),
                          "folds": r.folds.to_dict(orient="records"), "per_class_recall": r.per_class.mean().to_dict(),
                          "confusion": r.confusion.tolist(),
-                         "shifts": {} if not len(r.shifts) else r.shifts.mean().to_dict()} for r in results]}
+                         "shifts": {} if not len(r.shifts) else r.shifts.mean().to_dict(),
+                         "view_averaged": {name: {"macro_recall_mean": float(r.folds[f"macro recall ({name})"].mean()),
+                                                  "miss_rate_mean": float(r.folds[f"miss rate ({name})"].mean())}
+                                           for name in TTA_VIEWS if f"macro recall ({name})" in r.folds}}
+                        for r in results]}

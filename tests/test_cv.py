@@ -158,3 +158,46 @@ def test_adding_a_configuration_keeps_the_cached_keys_of_those_already_run():
     assert cv.result_key(alone[0], "other data", splits, ["blur"]) != key
     assert cv.result_key(alone[0], "data", cv.folds(np.repeat(np.arange(4), 6), np.arange(24), 3, 1), ["blur"]) != key
     assert cv.result_key(cv.parse_config(ref, {**base, "seed": 1}), "data", splits, ["blur"]) != key
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square_the_first_four_keeping_orientation():
+    a = np.arange(2 * 1 * 5 * 5, dtype=float).reshape(2, 1, 5, 5)
+    views = [cv.dihedral(a, i) for i in range(8)]
+    group = [np.rot90(b, q, axes=(2, 3)) for b in (a, a[..., ::-1]) for q in range(4)]
+    as_bytes = lambda xs: sorted(x.tobytes() for x in xs)  # noqa: E731
+    assert as_bytes(views) == as_bytes(group) and len(set(as_bytes(views))) == 8
+    keep = [a, a[..., ::-1], a[..., ::-1, :], np.rot90(a, 2, axes=(2, 3))]  # mirror images and the half turn
+    assert as_bytes(views[:4]) == as_bytes(keep)
+    assert cv.dihedral(np.zeros((1, 1, 3, 7)), 3).shape == (1, 1, 3, 7)
+    with pytest.raises(ValueError, match="8"):
+        cv.dihedral(a, 8)
+
+
+def test_view_averaging_averages_the_softmax_of_each_view():
+    from lib.calibration import probabilities
+
+    x = np.random.default_rng(0).random((3, 1, 4, 4))
+    corner = lambda v: np.stack([v[:, 0, 0, 0], v[:, 0, -1, -1]], 1) * 5  # noqa: E731  (not symmetric)
+    total = lambda v: np.stack([v.sum((1, 2, 3)), -v.sum((1, 2, 3))], 1)  # noqa: E731  (symmetric)
+    assert np.allclose(cv.view_averaged(total, x, 8), probabilities(total(x)))
+    expected = np.mean([probabilities(corner(cv.dihedral(x, i))) for i in range(4)], axis=0)
+    assert np.allclose(cv.view_averaged(corner, x, 4), expected)
+    assert not np.allclose(cv.view_averaged(corner, x, 4), probabilities(corner(x)))
+
+
+def test_view_averaged_scores_are_compared_with_the_single_view_on_the_same_folds():
+    r = _result("cfg", [0.80, 0.70, 0.90, 0.85, 0.75], 5)
+    r.folds["macro recall (flips)"] = [0.84, 0.71, 0.93, 0.90, 0.76]
+    r.folds["miss rate (flips)"] = [0.0, 0.1, 0.0, 0.0, 0.0]
+    table = cv.averaged_table([r, _result("old", [0.8] * 5, 5)], k=5)
+    assert len(table) == 1  # the result scored before view averaging has no row
+    row = table.iloc[0]
+    assert (row["views"], row["worst fold, averaged"]) == ("flips", 0.71)
+    assert row["averaged"] == pytest.approx(0.828) and row["miss rate, averaged"] == pytest.approx(0.02)
+    assert row["averaged − single, points [95%], p"].startswith("+2.8 [") and row["folds better / worse"] == "5 / 0"
+    # per class, from the out-of-fold predictions: fold-wise recall, then the mean over folds
+    r.oof = pd.DataFrame({"fold": [1, 1, 1, 2, 2], "true": [0, 0, 1, 0, 1], "pred": [0, 1, 1, 0, 0],
+                          "pred (flips)": [0, 0, 1, 1, 1]})
+    per_class = cv.averaged_per_class(r, ["a", "b"])
+    assert list(per_class.index) == ["single view", "flips"] and list(per_class.columns) == ["a", "b"]
+    assert per_class.loc["single view"].tolist() == [0.75, 0.5] and per_class.loc["flips"].tolist() == [0.5, 1.0]
