@@ -146,12 +146,15 @@ def dihedral(x: np.ndarray, i: int) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def view_averaged(logits_of, x: np.ndarray, views: int) -> np.ndarray:
-    """Softmax probabilities averaged over the first `views` views of `dihedral` ([N, classes]);
-    `logits_of` maps images [N, C, H, W] to logits."""
+def view_averaged(logits_of, x: np.ndarray, views: dict = TTA_VIEWS, first: np.ndarray | None = None) -> dict:
+    """{name: softmax probabilities [N, classes] averaged over the first n views of `dihedral`} for each
+    name: n of `views`, every view scored once; `logits_of` maps images [N, C, H, W] to logits, and
+    `first` gives view 0's probabilities when they are already at hand."""
     from lib.calibration import probabilities
 
-    return np.mean([probabilities(logits_of(dihedral(x, i))) for i in range(views)], axis=0)
+    probs = [first if first is not None else probabilities(logits_of(dihedral(x, 0)))]
+    probs += [probabilities(logits_of(dihedral(x, i))) for i in range(1, max(views.values()))]
+    return {name: np.mean(probs[:n], axis=0) for name, n in views.items()}
 
 
 def cache_key(*parts) -> str:
@@ -224,8 +227,8 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
         logit = engine.logits(trained.model, x, device=device)
         pred = logit.argmax(1)
         proba = probabilities(logit)
-        averaged = {name: view_averaged(lambda v: engine.logits(trained.model, v, device=device), x, views).argmax(1)
-                    for name, views in TTA_VIEWS.items()}
+        averaged = {name: p.argmax(1) for name, p in
+                    view_averaged(lambda v: engine.logits(trained.model, v, device=device), x, first=proba).items()}
         oof.append(pd.DataFrame({"fold": f + 1, "index": test, "true": yt, "pred": pred,
                                  **{c: p for c, p in zip(classes, proba.T)},
                                  **{f"pred ({name})": p for name, p in averaged.items()}}))

@@ -179,10 +179,14 @@ def test_view_averaging_averages_the_softmax_of_each_view():
     x = np.random.default_rng(0).random((3, 1, 4, 4))
     corner = lambda v: np.stack([v[:, 0, 0, 0], v[:, 0, -1, -1]], 1) * 5  # noqa: E731  (not symmetric)
     total = lambda v: np.stack([v.sum((1, 2, 3)), -v.sum((1, 2, 3))], 1)  # noqa: E731  (symmetric)
-    assert np.allclose(cv.view_averaged(total, x, 8), probabilities(total(x)))
+    assert np.allclose(cv.view_averaged(total, x, {"all": 8})["all"], probabilities(total(x)))
     expected = np.mean([probabilities(corner(cv.dihedral(x, i))) for i in range(4)], axis=0)
-    assert np.allclose(cv.view_averaged(corner, x, 4), expected)
-    assert not np.allclose(cv.view_averaged(corner, x, 4), probabilities(corner(x)))
+    averaged = cv.view_averaged(corner, x, {"flips": 4, "all": 8})
+    assert np.allclose(averaged["flips"], expected)
+    assert not np.allclose(averaged["flips"], probabilities(corner(x)))
+    # view 0 given: not scored again, and the same averages
+    assert np.allclose(cv.view_averaged(corner, x, {"flips": 4}, first=probabilities(corner(x)))["flips"], expected)
+    assert np.allclose(averaged["all"], np.mean([probabilities(corner(cv.dihedral(x, i))) for i in range(8)], axis=0))
 
 
 def test_view_averaged_scores_are_compared_with_the_single_view_on_the_same_folds():
