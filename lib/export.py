@@ -196,17 +196,21 @@ def model_card(*, title: str, date: str, dataset: dict, params: dict, trained_wi
     size_rows = "\n".join(f"| {k} | {v / 1e6:.2f} MB |" for k, v in sizes.items())
     source = ("the embedded synthetic SEM dataset, rendered by lib/synthetic.py" if dataset.get("synthetic")
               else "user data")
+    views = (evaluated or {}).get("test_views", 1)
+    views_note = ("" if views == 1 else f" The graph scores each image as {views} views (mirror images"
+                  f"{' and quarter turns' if views == 8 else ' and the half turn'}) in one batch and outputs the log of "
+                  f"their averaged softmax probabilities (`test_views`), so it costs {views} network passes per image.")
     return f"""# {title}
 
 Date: {date}
 
 ## Model
 - Architecture: `{trained_with.get('arch')}` (width {trained_with.get('width')}); input `input`, float32
-  [N, 3, {trained_with.get('image_size')}, {trained_with.get('image_size')}]; output `logits` [N, {len(classes)}], already divided by the calibration temperature (softmax gives the calibrated confidence).
+  [N, 3, {trained_with.get('image_size')}, {trained_with.get('image_size')}]; output `logits` [N, {len(classes)}], already divided by the calibration temperature (softmax gives the calibrated confidence).{views_note}
 - Classes, in output order: {', '.join(f'`{c}`' for c in classes)} (`labels.json`; `label_encoder.pkl` only for
   older scripts that unpickle it).
 - Preprocessing: `preprocessing.json` (the definition in `lib/preprocess.py`; `python -m lib.predict` applies it).
-- Parameters: {compute['parameters']:,}; multiply-adds per image: {compute['macs'] / 1e6:.1f} M (counted by
+- Parameters: {compute['parameters']:,}; multiply-adds per image (all its views): {compute['macs'] / 1e6:.1f} M (counted by
   torch's FlopCounterMode).
 - Initial weights: `{weights.get('source')}`: {weights.get('detail')}{f" (sha256 {weights['sha256']})" if weights.get('sha256') else ''}
 

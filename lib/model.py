@@ -319,13 +319,47 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, classes: list[str], p
                     "classes": list(classes), "params": dict(params), **extra}, tmp)
 
 
+class ViewAveraged(nn.Module):
+    """A classifier scored on the first `views` (4 or 8) symmetries of each square image, in the order of
+    `lib.cv.dihedral` (the image, mirrored left-right, upside down, turned by half; then the same after a
+    transpose, which adds the quarter turns). Its output, `logits`, is the log of the softmax
+    probabilities averaged over the views, divided by `temperature` (a buffer `fold_temperature`
+    sets): softmax gives the averaged (calibrated) confidence back. The views go through the wrapped
+    model as one batch, so its exported graph holds the network once."""
+
+    def __init__(self, model: nn.Module, views: int):
+        super().__init__()
+        if views not in (4, 8):
+            raise ValueError(f"views averaged at test time must be 1, 4 or 8, got {views}")
+        self.model, self.views = model, views
+        self.register_buffer("temperature", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shown = [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)]
+        if self.views == 8:
+            t = x.transpose(-1, -2)
+            shown += [t, t.flip(-1), t.flip(-2), t.flip(-2, -1)]
+        prob = torch.softmax(self.model(torch.cat(shown)).float(), dim=1)
+        prob = prob.reshape(self.views, x.shape[0], prob.shape[1]).mean(0)
+        return torch.log(prob.clamp_min(1e-12)) / self.temperature
+
+
+def with_views(model: nn.Module, views: int) -> nn.Module:
+    """`model` itself for views 1, else the model averaged over that many views (`ViewAveraged`)."""
+    return model if views == 1 else ViewAveraged(model, views)
+
+
 @torch.no_grad()
 def fold_temperature(model: nn.Module, temperature: float) -> nn.Module:
     """Divide the linear classifier's weight and bias by a temperature (fitted on validation by
     `lib.calibration.fit_temperature`): the logits become logits / T, whose softmax is the calibrated
-    confidence, with no extra node in the graph; the argmax is unchanged. In place; returns model."""
+    confidence, with no extra node in the graph (a `ViewAveraged` model divides its output instead); the
+    argmax is unchanged. In place; returns model."""
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if isinstance(model, ViewAveraged):  # the averaged log-probabilities are divided at the output
+        model.temperature.fill_(temperature)
+        return model
     linear = model.classifier[-1]
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"expected a linear classifier as the model's last layer, found {type(linear).__name__}")

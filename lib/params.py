@@ -157,6 +157,10 @@ SCHEMA: dict[str, Param] = {
     "review_max_miss": Param(_NUM, "the operating point: largest miss rate (defects called clean) among the "
                                    "auto-classified validation images"),
     "bootstrap_resamples": Param(int, "bootstrap resamples behind the 95% intervals of the headline figures"),
+    "test_views": Param(int, "views of each image whose softmax probabilities are averaged at test time, in the "
+                             "evaluation and inside the exported model: 1 (the image), 4 (with its mirror images and "
+                             "half turn, which keep a line/space pattern's orientation) or 8 (with the quarter turns "
+                             "too); each view costs one more pass of the network", choices=(1, 4, 8)),
     # 06_cross_validation (make cv DATA=<folder>)
     "cv_folds": Param(int, "folds of the stratified group k-fold"),
     "cv_repeats": Param(int, "fold assignments (seeds seed, seed + 1, ...) each configuration is scored on; more "

@@ -206,12 +206,20 @@ def bias_correct(prepared: str | Path, calib_x: np.ndarray, targets: dict) -> di
 
 
 def classifier_nodes(model_path: str | Path) -> list[str]:
-    """The nodes that compute the graph's outputs from a matrix product (the linear classifier)."""
+    """The last matrix product (the linear classifier) and every node after it that uses its result (a
+    view-averaged model's softmax, mean and log): none of them is worth rounding to int8."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    outputs = {o.name for o in graph.output}
-    return [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul") and outputs & set(n.output)]
+    nodes = list(onnx.load(str(model_path), load_external_data=False).graph.node)
+    last = max((i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul")), default=None)
+    if last is None:
+        return []
+    tainted, names = set(nodes[last].output), [nodes[last].name]
+    for n in nodes[last + 1:]:
+        if tainted & set(n.input):
+            tainted |= set(n.output)
+            names.append(n.name)
+    return names
 
 
 def float_prefix(model_path: str | Path, n: int) -> list[str]:

@@ -124,3 +124,16 @@ def test_model_card_states_the_operating_point_rule_it_was_chosen_by():
     assert "141 of 180 images auto-classified" in card
     plain = export._card_confidence(ev | {"operating_point": {"validation": point | {"extra_errors": 0}, "test": test}})
     assert "counting" not in plain and "accuracy 0.99 with a miss" in plain
+
+
+@pytest.mark.parametrize("views", [4, 8])
+def test_a_view_averaged_model_exports_with_parity_and_one_copy_of_the_network(exported, tmp_path, views):
+    m, single = exported
+    wrapped = net.with_views(m, views)
+    path = export.export_onnx(wrapped, tmp_path / "v.onnx", size=64, opset=18)
+    x = np.random.default_rng(views).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    p = export.parity(engine.logits(wrapped, x), runtime.run(runtime.session(path), x))
+    assert p["argmax_agreement"] == 1.0 and p["max_abs_logit_diff"] < 1e-3
+    convs = [sum(n.op_type == "Conv" for n in onnx.load(str(f)).graph.node) for f in (single, path)]
+    assert convs[0] == convs[1]  # the views go through the network as one batch
+    assert path.stat().st_size < 1.1 * single.stat().st_size

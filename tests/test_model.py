@@ -80,3 +80,35 @@ def test_trunk_then_top_is_the_whole_network_and_checkpoints_keep_the_arch(arch,
     assert ckpt["arch"] == arch
     with torch.inference_mode():
         assert torch.equal(back(x), m(x))
+
+
+@pytest.mark.parametrize("views", [4, 8])
+def test_view_average_is_the_mean_softmax_over_the_squares_symmetries_and_carries_the_temperature(views):
+    import numpy as np
+
+    from lib import cv
+    from lib.calibration import probabilities
+
+    torch.manual_seed(0)
+    m = net.build_model(3, image_size=32).eval()
+    x = np.random.default_rng(1).normal(size=(5, 3, 32, 32)).astype(np.float32)
+
+    def logits_of(v):
+        with torch.inference_mode():
+            return m(torch.from_numpy(v)).numpy()
+
+    expected = cv.view_averaged(logits_of, x, {"n": views})["n"]  # the views make cv scores
+    wrapped = net.with_views(m, views)
+    with torch.inference_mode():
+        got = wrapped(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(probabilities(got), expected, atol=1e-5)
+    np.testing.assert_allclose(np.exp(got), expected, atol=1e-5)  # log-probabilities: softmax changes nothing
+    net.fold_temperature(wrapped, 2.0)
+    with torch.inference_mode():
+        np.testing.assert_allclose(wrapped(torch.from_numpy(x)).numpy(), got / 2.0, rtol=1e-5)
+    assert m.classifier[-1].weight.abs().sum() > 0 and net.with_views(m, 1) is m
+
+
+def test_view_counts_other_than_1_4_8_are_refused():
+    with pytest.raises(ValueError, match="1, 4 or 8"):
+        net.with_views(net.build_model(3), 2)

@@ -268,3 +268,22 @@ def test_search_escalates_the_float_prefix_only_until_a_setting_is_fit(mobilenet
     rows, _ = quantize.search(prepared, inputs(4), settings, evaluate, work_dir=tmp_path, then=quantize.escalate(1))
     assert [r["float_convs"] for r in rows] == [0, 1] and not any(r["fit"] for r in rows)
     assert quantize.escalate(5)([{"setting": "a", **vars(settings[0]), **evaluate(None)} | {"fit": True}]) is None
+
+
+def test_a_view_averaged_graph_keeps_its_classifier_and_everything_after_it_fp32(tmp_path):
+    torch.manual_seed(0)
+    m = net.fold_temperature(net.with_views(net.build_model(4, image_size=SIZE).eval(), 8), 1.5)
+    fp32 = export.export_onnx(m, tmp_path / "v.onnx", size=SIZE)
+    prepared = quantize.preprocess(fp32, tmp_path / "v.prep.onnx")
+    nodes = onnx.load(str(prepared)).graph.node
+    kept = quantize.classifier_nodes(prepared)
+    ops = [n.op_type for n in nodes if n.name in kept]
+    assert ops[0] == "Gemm" and {"Softmax", "Log"} <= set(ops)
+    assert not {"Conv", "Transpose"} & set(ops)  # nothing before the classifier: the views, the network
+    q = quantize.quantize(prepared, tmp_path / "v.int8.onnx", inputs(8), quantize.Setting("U8", False, "MinMax"))
+    x = inputs(6, seed=3)
+    fp, i8 = runtime.run(runtime.session(fp32), x), runtime.run(runtime.session(q), x)
+    assert fp.shape == i8.shape == (6, 4) and np.isfinite(i8).all()
+    # the outputs are averaged log-probabilities over the temperature: the averages, kept FP32, sum to 1
+    np.testing.assert_allclose(np.exp(1.5 * i8).sum(1), 1, atol=1e-4)
+    np.testing.assert_allclose(np.exp(1.5 * fp).sum(1), 1, atol=1e-4)

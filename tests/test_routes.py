@@ -9,8 +9,8 @@ one unreadable image), and checks byte for byte that the folder is exactly as it
 - unsplit_default: a folder with one sub-folder per class given by a data-only overlay, so the base
   parameters' default (EfficientNet-Lite0, recipe partial) runs on it, for two short epochs;
 - presplit_no_test: a pre-split folder without test/ (the test split is carved out of train by group),
-  `recipe: lpft` for one short epoch, with keys set in an overlay that every stage's record, the
-  checkpoint and the model card must show.
+  `recipe: lpft` for one short epoch, scored and exported as the average of 8 views (`test_views`),
+  with keys set in an overlay that every stage's record, the checkpoint and the model card must show.
 
 The synthetic smoke route is tests/test_pipeline.py.
 """
@@ -77,7 +77,7 @@ def presplit_no_test(tmp_path_factory):
     data = user_folder(tmp / "my-sem", splits=("train", "validate"), per_split={"train": 6, "validate": 2})
     extra = "".join(f"{k}: {v}\n" for k, v in PROVENANCE.items())
     lpft = tmp / "lpft.yaml"
-    lpft.write_text("recipe: lpft\nepochs: 1\nfreeze_blocks: 10\nbatch_size: 16\n")
+    lpft.write_text("recipe: lpft\nepochs: 1\nfreeze_blocks: 10\nbatch_size: 16\ntest_views: 8\n")
     return run_route(tmp, [own_overlay(tmp, data, extra), SMALL, lpft], data)
 
 
@@ -164,6 +164,20 @@ def test_missing_test_folder_is_carved_out_of_train(presplit_no_test):
     given = {p: "val" if "/validate/" in p else "train" for p in split["path"]}
     assert all(given[p] == "train" for p in split.loc[split["split"] == "test", "path"])
     assert "No test folder given" in (presplit_no_test["reports"] / "02_leakage_audit.html").read_text()
+
+
+def test_the_view_average_is_what_was_evaluated_and_what_ships(presplit_no_test):
+    import onnx
+
+    build = presplit_no_test["build"]
+    assert json.loads((build / "eval" / "metrics.json").read_text())["test_views"] == 8
+    assert json.loads((build / "export" / "bundle.json").read_text())["test_views"] == 8
+    assert "scored as the softmax average of 8 views" in (presplit_no_test["reports"] / "04_evaluation.html").read_text()
+    assert "scores each image as 8 views" in (build / "export" / "model_card.md").read_text()
+    for name in ("model.onnx", "model.int8.onnx"):
+        ops = [n.op_type for n in onnx.load(str(build / "export" / name)).graph.node]
+        assert ops.count("Gemm") == 1 and {"Softmax", "Log"} <= set(ops), name
+    # lib.predict on model.onnx giving the evaluation's predictions is checked for every route above
 
 
 def test_an_overlay_value_reaches_every_record_the_checkpoint_and_the_model_card(presplit_no_test):
