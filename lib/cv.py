@@ -182,12 +182,16 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
                log=print, feature_cache: dict | None = None, k: int | None = None) -> ConfigResult:
     """Train and score one configuration on every fold.
 
+    A configuration with `test_views` above 1 is scored, under every shift too, as the average of its
+    softmax probabilities over that many views (`lib.model.ViewAveraged`, what its exported model
+    computes); the others are also scored with each test-time averaging of `TTA_VIEWS`.
+
     For probe and lpft the pooled features of every image under the initial (pretrained)
     weights are computed once and shared by all folds, and by every configuration with the
     same architecture, weights and input size through `feature_cache`. `k` is the number of folds
     per repeat (default: all splits are one repeat).
     """
-    from lib import engine, recipes, shifts as shift_lib
+    from lib import engine, model as net, recipes, shifts as shift_lib
     from lib.calibration import probabilities
     from lib.preprocess import normalize
 
@@ -220,15 +224,18 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
         test = te[representative[te]]
         yt = y[test]
 
-        def predict(g, model=trained.model):
+        # a configuration with test_views above 1 is scored (and shifted) as its view average, as it would ship
+        scorer = net.with_views(trained.model, cfg.P.get("test_views", 1))
+
+        def predict(g, model=scorer):
             return engine.logits(model, normalize(g), device=device).argmax(1)
 
         x = normalize(gray[test])
-        logit = engine.logits(trained.model, x, device=device)
-        pred = logit.argmax(1)
-        proba = probabilities(logit)
-        averaged = {name: p.argmax(1) for name, p in
-                    view_averaged(lambda v: engine.logits(trained.model, v, device=device), x, first=proba).items()}
+        proba = probabilities(engine.logits(scorer, x, device=device))
+        pred = proba.argmax(1)
+        averaged = {} if scorer is not trained.model else {
+            name: p.argmax(1) for name, p in
+            view_averaged(lambda v: engine.logits(trained.model, v, device=device), x, first=proba).items()}
         oof.append(pd.DataFrame({"fold": f + 1, "index": test, "true": yt, "pred": pred,
                                  **{c: p for c, p in zip(classes, proba.T)},
                                  **{f"pred ({name})": p for name, p in averaged.items()}}))

@@ -36,7 +36,8 @@ def cv_run(tmp_path_factory):
     data = user_folder(tmp / "my-sem", splits=())
     overlay = tmp / "cv.yaml"
     overlay.write_text("cv_folds: 2\ncv_repeats: 2\ncv_configs: ['arch:efficientnet_lite0 weights:imagenet recipe:probe "
-                       "image_size:64', 'arch:efficientnet_lite0 weights:imagenet recipe:probe image_size:64 probe_c:0.05']\n")
+                       "image_size:64', 'arch:efficientnet_lite0 weights:imagenet recipe:probe image_size:64 probe_c:0.05 "
+                       "test_views:4']\n")
     before = snapshot(data)
     args = [f"DATA={data}", f"PARAMS={overlay}", f"BUILD={tmp / 'build'}", f"REPORTS={tmp / 'reports'}"]
     first = make("cv", *args)
@@ -63,7 +64,11 @@ def test_cross_validation_report_runs_two_folds_and_leaves_the_data_alone(cv_run
     for text in ("no duplicate group crosses folds", "Robustness to shift", "2 fold assignments", "vs reference",
                  "worst fold", "Label-issue audit", "images flagged"):
         assert text in html, text
-    assert ">reference</th>" in html and ">probe_c:0.05</th>" in html  # rows named by what they change
+    assert ">reference</th>" in html and ">probe_c:0.05 test_views:4</th>" in html  # rows named by what they change
+    # the reference is also scored view-averaged; the other is scored only as its 4-view average, shifts included
+    assert {"macro recall (flips)", "macro recall (flips and quarter turns)"} <= set(config["folds"][0])
+    assert "macro recall (flips)" not in other["folds"][0] and set(other["shifts"])
+    assert "Test-time averaging over flips and quarter turns" in html
     groups = (tmp / "build" / "cv" / "groups.csv").read_text().splitlines()[0]
     assert groups.endswith("fold r1,fold r2")
 
