@@ -1,6 +1,8 @@
 """The pip path (requirements.txt) and the conda path (environment.yml) install the same pins."""
 
+import os
 import re
+import subprocess
 
 import yaml
 
@@ -40,3 +42,19 @@ def test_makefile_builds_the_venv_from_requirements_txt():
     make = (ROOT / "Makefile").read_text()
     assert "pip install --quiet -r requirements.txt" in make
     assert "PYTHON  ?= python3.11" in make
+
+
+def _seen_by_make(names: list[str], **env: str) -> list[str]:
+    """What a Makefile recipe sees for each environment variable in names, started with no MALLOC_ variable
+    set (make test itself runs under the Makefile's) plus env."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    probe = "probe:;@" + "".join(f'echo "$${n}";' for n in names)
+    out = subprocess.run(["make", "-s", "--eval", probe, "probe"], cwd=ROOT, text=True, capture_output=True,
+                         check=True, env={**clean, **env})
+    return out.stdout.splitlines()
+
+
+def test_make_keeps_the_malloc_heap_for_every_stage_and_the_environment_wins():
+    mmap_max, trim = _seen_by_make(["MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"])
+    assert mmap_max == "0" and int(trim) >= 2**32  # no block mmapped, none trimmed back to the kernel
+    assert _seen_by_make(["MALLOC_MMAP_MAX_"], MALLOC_MMAP_MAX_="65536") == ["65536"]

@@ -9,6 +9,8 @@ second, the median of three timed passes after a warm-up):
 - a whole-network training step (forward, backward, AdamW) of EfficientNet-Lite0 and MobileNetV2 at
   the base input size, with 1 and 2 threads, with and without channels_last, and compiled with
   torch.compile where it runs on this CPU;
+- EfficientNet-Lite0 inference (eval mode, batch 32, channels_last, 2 threads), what evaluation,
+  calibration and cross-validation run most;
 - the `partial` recipe: caching the frozen trunk's activations (per view) and one training step of
   the top blocks on them, at the base freeze_blocks; then its training loop as the engine runs it
   (loader + step), with the activations in memory and on disk (`lib.cache`, the default since
@@ -17,7 +19,10 @@ second, the median of three timed passes after a warm-up):
 `--partial-only` skips the whole-network rows (minutes).
 
 Prints a table and writes it as JSON; the README quotes it. Figures taken while other work runs on
-the machine are lower bounds: the load average is printed with them.
+the machine are lower bounds: the load average is printed with them. So are the glibc malloc settings
+in the environment (`make bench` runs under the Makefile's, which keep the heap) and the share of CPU
+time spent in the kernel: run the script directly with `MALLOC_MMAP_MAX_=65536` (glibc's default) to
+see what they buy on a machine where a page fault is dear.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -120,8 +126,16 @@ def main() -> None:
                          "images/s": rate(step_fn(compiled, x.contiguous(memory_format=torch.channels_last), y, batch), n)})
         except Exception as e:  # noqa: BLE001 - report, do not fail: compile needs a C++ toolchain
             rows.append({"what": f"{arch} torch.compile", "images/s": None, "note": f"{type(e).__name__}: {e}"[:200]})
-    # the partial recipe: trunk activations cached once per view, then the top blocks alone
     torch.set_num_threads(2)
+    model = net.build_model(8, arch="efficientnet_lite0", image_size=size).to(memory_format=torch.channels_last).eval()
+    xx = x.contiguous(memory_format=torch.channels_last)
+
+    def infer():
+        with torch.no_grad():
+            for i in range(0, len(xx), 32):
+                model(xx[i : i + 32])
+    rows.append({"what": "efficientnet_lite0 inference, batch 32, 2 threads, channels_last", "images/s": rate(infer, n)})
+    # the partial recipe: trunk activations cached once per view, then the top blocks alone
     k = P["freeze_blocks"] or 12
     model = net.build_model(8, arch="efficientnet_lite0", image_size=size).to(memory_format=torch.channels_last)
     rows.append({"what": f"efficientnet_lite0 trunk caching (first {k} units), per view",
@@ -147,11 +161,15 @@ def main() -> None:
                          "images/s": rate(lambda: [None for _ in loader], n)})
     info = {"image_size": size, "batch_size": batch, "images": n, "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            "load_average": os.getloadavg(), "rows": rows}
+            "load_average": os.getloadavg(), "rows": rows,
+            "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    info["kernel_share_of_cpu_time"] = usage.ru_stime / max(usage.ru_utime + usage.ru_stime, 1e-9)
     for r in rows:
         shown = "-" if r["images/s"] is None else f"{r['images/s']:8.1f}"
         print(f"{shown} images/s  {r['what']}" + (f"  ({r['note']})" if r.get("note") else ""))
-    print(f"input {size} px, batch {batch}, load average {info['load_average']}")
+    print(f"input {size} px, batch {batch}, load average {info['load_average']}, malloc settings "
+          f"{info['malloc_env'] or 'glibc defaults'}, {info['kernel_share_of_cpu_time']:.0%} of CPU time in the kernel")
     write_json_atomic(args.out, info)
 
 
