@@ -16,9 +16,10 @@ PY      := $(VENV)/bin/python
 ENV     := $(VENV)/.ready
 
 # glibc's malloc hands every block over 32 MB (a batch of activations) back to the kernel when freed,
-# so each forward pass faults its pages in again. On a VM where a page fault is dear, that was more
-# kernel time than compute: EfficientNet-Lite0 inference ran 2.3x faster with the heap kept (README,
-# "Training speed"). These keep it; a value set in the environment wins. Linux/glibc only; elsewhere ignored.
+# so each forward pass faults its pages in again. On a VM where a page fault is dear, that was half the
+# CPU time: EfficientNet-Lite0 inference ran 3.1x faster with the heap kept (README, "Training speed",
+# which also says what it costs in memory). These keep it; a value set in the environment wins.
+# Linux/glibc only; elsewhere ignored.
 export MALLOC_MMAP_MAX_       ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
 
