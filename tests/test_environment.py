@@ -1,4 +1,5 @@
-"""The pip path (requirements.txt) and the conda path (environment.yml) install the same pins."""
+"""The environment: the pip path (requirements.txt) and the conda path (environment.yml) install the same
+pins, and the Makefile runs every stage under the same malloc settings."""
 
 import os
 import re
