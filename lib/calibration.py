@@ -297,14 +297,10 @@ def paired_bootstrap(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, clas
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(y), size=(resamples, len(y)))
     point_a, point_b = headline(y, a, classes), headline(y, b, classes)
-    draws = {k: [] for k in point_a}
-    for i in idx:
-        ha, hb = headline(y[i], a[i], classes), headline(y[i], b[i], classes)
-        for k in draws:
-            draws[k].append(hb[k] - ha[k])
+    batch_a, batch_b = _headline_batch(y, a, classes, idx), _headline_batch(y, b, classes, idx)  # all at once
     rows = []
-    for k, d in draws.items():
-        d = np.asarray(d, float)
+    for k in point_a:
+        d = np.asarray(batch_b[k] - batch_a[k], float)
         d = d[~np.isnan(d)]
         diff = point_b[k] - point_a[k]
         if len(d) == 0 or np.isnan(diff):
