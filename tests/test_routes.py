@@ -86,7 +86,13 @@ ROUTES = ["presplit_example", "unsplit_default", "presplit_no_test"]
 
 @pytest.fixture(params=ROUTES)
 def route(request):
+    """Every route's run; a test of one route only takes it with `on_route`. Either way the route's name is in
+    the test's id, which is how `make test` keeps each route's tests on one worker (conftest.xdist_group)."""
     return request.getfixturevalue(request.param)
+
+
+def on_route(name: str):
+    return pytest.mark.parametrize("route", [name], indirect=True)
 
 
 def test_user_folder_is_unchanged_byte_for_byte(route):
@@ -122,57 +128,62 @@ def test_every_json_written_is_strict(route):
         read_json(f)  # NaN or Infinity would raise
 
 
-def test_recommended_route_used_what_it_asked_for(presplit_example):
-    build = presplit_example["build"]
+@on_route("presplit_example")
+def test_recommended_route_used_what_it_asked_for(route):
+    build = route["build"]
     summary = json.loads((build / "train" / "summary.json").read_text())
     assert summary["arch"] == "efficientnet_lite0" and summary["recipe"] == "partial"
     assert summary["weights"]["source"] == "imagenet"
     split = pd.read_csv(build / "split" / "split.csv")
     assert set(split["class"]) == set(CLASSES) and set(split["split"]) == {"train", "val", "test"}
     assert not split["path"].str.endswith("broken.png").any()
-    eda = (presplit_example["reports"] / "01_eda.html").read_text()
+    eda = (route["reports"] / "01_eda.html").read_text()
     assert "broken.png" in eda and "cannot identify image file" in eda
     assert "<code>Vias</code> → <code>vias</code>" in eda  # the capitalised folder, matched
     for stage in ("eda", "split", "train", "eval", "export"):
         record = json.loads((build / stage / "params.json").read_text())
-        assert record["data_dir"] == str(presplit_example["data"]) and record["arch"] == "efficientnet_lite0"
+        assert record["data_dir"] == str(route["data"]) and record["arch"] == "efficientnet_lite0"
         assert record["image_size"] == 64 and record["recipe"] == "partial"
 
 
-def test_unsplit_route_runs_the_default_recipe(unsplit_default):
-    summary = json.loads((unsplit_default["build"] / "train" / "summary.json").read_text())
+@on_route("unsplit_default")
+def test_unsplit_route_runs_the_default_recipe(route):
+    summary = json.loads((route["build"] / "train" / "summary.json").read_text())
     assert summary["arch"] == "efficientnet_lite0" and summary["weights"]["source"] == "imagenet"
     assert summary["recipe"] == "partial" and summary["epochs_run"] == 2 and summary["probe_floor"] is not None
     assert any("BatchNorm statistics" in note for note in summary["notes"])  # bn_adapt, on by default
     assert "BatchNorm statistics of the 6 trained blocks were re-estimated" in (
-        unsplit_default["reports"] / "03_training.html").read_text()
-    split = pd.read_csv(unsplit_default["build"] / "split" / "split.csv")
+        route["reports"] / "03_training.html").read_text()
+    split = pd.read_csv(route["build"] / "split" / "split.csv")
     assert set(split["split"]) == {"train", "val", "test"}
-    assert "Training curves, read" in (unsplit_default["reports"] / "04_evaluation.html").read_text()
+    assert "Training curves, read" in (route["reports"] / "04_evaluation.html").read_text()
 
 
-def test_lpft_fine_tuned_for_one_epoch(presplit_no_test):
-    summary = json.loads((presplit_no_test["build"] / "train" / "summary.json").read_text())
+@on_route("presplit_no_test")
+def test_lpft_fine_tuned_for_one_epoch(route):
+    summary = json.loads((route["build"] / "train" / "summary.json").read_text())
     assert summary["recipe"] == "lpft" and summary["epochs_run"] == 1 and summary["probe_floor"] is not None
 
 
-def test_missing_test_folder_is_carved_out_of_train(presplit_no_test):
-    split = pd.read_csv(presplit_no_test["build"] / "split" / "split.csv")
+@on_route("presplit_no_test")
+def test_missing_test_folder_is_carved_out_of_train(route):
+    split = pd.read_csv(route["build"] / "split" / "split.csv")
     assert set(split["split"]) == {"train", "val", "test"}
     groups = split.groupby("group")["split"].nunique()
     assert (groups == 1).all()
     given = {p: "val" if "/validate/" in p else "train" for p in split["path"]}
     assert all(given[p] == "train" for p in split.loc[split["split"] == "test", "path"])
-    assert "No test folder given" in (presplit_no_test["reports"] / "02_leakage_audit.html").read_text()
+    assert "No test folder given" in (route["reports"] / "02_leakage_audit.html").read_text()
 
 
-def test_the_view_average_is_what_was_evaluated_and_what_ships(presplit_no_test):
+@on_route("presplit_no_test")
+def test_the_view_average_is_what_was_evaluated_and_what_ships(route):
     import onnx
 
-    build = presplit_no_test["build"]
+    build = route["build"]
     assert json.loads((build / "eval" / "metrics.json").read_text())["test_views"] == 8
     assert json.loads((build / "export" / "bundle.json").read_text())["test_views"] == 8
-    assert "scored as the softmax average of 8 views" in (presplit_no_test["reports"] / "04_evaluation.html").read_text()
+    assert "scored as the softmax average of 8 views" in (route["reports"] / "04_evaluation.html").read_text()
     assert "scores each image as 8 views" in (build / "export" / "model_card.md").read_text()
     for name in ("model.onnx", "model.int8.onnx"):
         ops = [n.op_type for n in onnx.load(str(build / "export" / name)).graph.node]
@@ -180,15 +191,16 @@ def test_the_view_average_is_what_was_evaluated_and_what_ships(presplit_no_test)
     # lib.predict on model.onnx giving the evaluation's predictions is checked for every route above
 
 
-def test_an_overlay_value_reaches_every_record_the_checkpoint_and_the_model_card(presplit_no_test):
+@on_route("presplit_no_test")
+def test_an_overlay_value_reaches_every_record_the_checkpoint_and_the_model_card(route):
     import torch
 
-    build = presplit_no_test["build"]
+    build = route["build"]
     for stage in ("eda", "split", "train", "eval", "export"):
         record = json.loads((build / stage / "params.json").read_text())
         for key, value in PROVENANCE.items():
             assert record[key] == value, (stage, key)
-        assert record["data_dir"] == str(presplit_no_test["data"])
+        assert record["data_dir"] == str(route["data"])
     ckpt = torch.load(build / "train" / "model.pt", weights_only=True)
     assert {k: ckpt["params"][k] for k in PROVENANCE} == PROVENANCE
     card = (build / "export" / "model_card.md").read_text()
