@@ -14,6 +14,9 @@ VENV    ?= .venv
 PYTHON  ?= python3.11
 PY      := $(VENV)/bin/python
 ENV     := $(VENV)/.ready
+# make test: pytest-xdist workers. Much of the suite is single-threaded (notebook kernels starting, ONNX
+# export, HTML rendering), so two workers keep both cores busy; 0 runs it in one process, in file order.
+TEST_WORKERS ?= 2
 
 # glibc's malloc hands every block over 32 MB (a batch of activations) back to the kernel when freed,
 # so each forward pass faults its pages in again. On a VM where a page fault is dear, that was half the
@@ -133,7 +136,7 @@ $(INDEX): $(EDA) $(AUDIT) $(TRAIN) $(EVAL) $(EXPORT) $(LIB)
 	$(PY) -m lib.index --build $(BUILD) --reports $(REPORTS) --venv $(VENV)
 
 test: $(ENV) ## run the whole test suite: unit, data and end-to-end (every README route at small size)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 test-unit: $(ENV) ## run the unit tier only (seconds)
 	$(PY) -m pytest -m unit -q

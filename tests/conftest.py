@@ -18,6 +18,13 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Under `make test`'s pytest-xdist workers, each worker's processes (and the notebook kernels they start) take an
+# equal share of the cores, not all of them: OpenMP threads of two workers on the same cores spin-wait for each
+# other, and one two-fold cross-validation took 5x as long as alone. A value set in the environment wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 
 def sem_like(seed: int, size: int = 96) -> np.ndarray:
     """A distinct textured 8-bit image (lines at a random pitch and angle plus noise)."""
@@ -97,6 +104,41 @@ E2E_MODULES = {"test_pipeline", "test_routes", "test_notebooks", "test_reports",
 DATA_MODULES = {"test_leakage", "test_synthetic", "test_plant", "test_data", "test_quality", "test_cv"}
 
 
+# `make test` runs the suite on pytest-xdist workers. Each test goes to the worker of its group, read off its
+# id, so that an expensive shared fixture runs once: one own-data route's tests (the route is in the id), every
+# module that uses the smoke route, otherwise a module (its module-scoped fixtures).
+# tests/test_environment.py checks that every module- or session-scoped fixture stays within one group.
+ROUTES = ("presplit_example", "unsplit_default", "presplit_no_test")
+SMOKE_RUN = ("tests/test_pipeline.py::", "tests/test_reports.py::", "tests/test_notebooks.py::test_sweep_")
+# The groups start slowest first, so that no worker is left with a long one at the end; the rest in file order.
+SLOW_GROUPS = ["smoke_run", *ROUTES, "tests/test_notebooks.py", "tests/test_bad_input.py", "tests/test_distributed.py"]
+
+
+def xdist_group(nodeid: str) -> str:
+    path, _, name = nodeid.partition("::")
+    if path.endswith("test_routes.py") and name.endswith("]"):
+        param = name[name.rindex("[") + 1:-1]
+        if param in ROUTES:
+            return param
+    return "smoke_run" if nodeid.startswith(SMOKE_RUN) else path
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Whole groups to each worker, in collection order (slowest first, see pytest_collection_modifyitems),
+    for `-n N` (whose default is --dist load); another --dist is left to pytest-xdist."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order below, not the largest group first
+    return GroupScheduling(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(items):
     for item in items:
@@ -104,3 +146,5 @@ def pytest_collection_modifyitems(items):
             continue
         module = item.module.__name__.rsplit(".", 1)[-1]
         item.add_marker("e2e" if module in E2E_MODULES else "data" if module in DATA_MODULES else "unit")
+    rank = {name: i for i, name in enumerate(SLOW_GROUPS)}
+    items.sort(key=lambda item: rank.get(xdist_group(item.nodeid), len(rank)))  # stable: file order in a group
