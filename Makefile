@@ -15,7 +15,7 @@ PYTHON  ?= python3.11
 PY      := $(VENV)/bin/python
 ENV     := $(VENV)/.ready
 # make test: pytest-xdist workers. Much of the suite is single-threaded (notebook kernels starting, ONNX
-# export, HTML rendering), so two workers keep both cores busy; 0 runs it in one process, in file order.
+# export, HTML rendering), so two workers keep both cores busy; 0 runs it in one process.
 TEST_WORKERS ?= 2
 
 # glibc's malloc hands every block over 32 MB (a batch of activations) back to the kernel when freed,
