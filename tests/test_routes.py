@@ -24,7 +24,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import ROOT, make
+from conftest import ROOT, ROUTES, make
 from userdata import CLASSES, snapshot, user_folder
 
 STAGES = ["01_eda", "02_leakage_audit", "03_training", "04_evaluation", "05_export"]
@@ -79,9 +79,6 @@ def presplit_no_test(tmp_path_factory):
     lpft = tmp / "lpft.yaml"
     lpft.write_text("recipe: lpft\nepochs: 1\nfreeze_blocks: 10\nbatch_size: 16\ntest_views: 8\n")
     return run_route(tmp, [own_overlay(tmp, data, extra), SMALL, lpft], data)
-
-
-ROUTES = ["presplit_example", "unsplit_default", "presplit_no_test"]
 
 
 @pytest.fixture(params=ROUTES)
