@@ -183,7 +183,7 @@ SCHEMA: dict[str, Param] = {
                                         "point); beyond it the INT8 model is marked not fit"),
     "int8_max_miss_rise": Param(_NUM, "largest acceptable validation rise in miss rate (defects called clean) of INT8 "
                                       "vs FP32 (0.01 = 1 point); beyond it the INT8 model is marked not fit"),
-    "bench_threads": Param(int, "threads for the latency benchmark (PyTorch and ONNX Runtime); 0 = every core"),
+    "bench_threads": Param(int, "threads for the latency benchmark (PyTorch and ONNX Runtime); 0 = OMP_NUM_THREADS when set, else every core"),
 }
 
 

@@ -146,9 +146,22 @@ def test_latency_rows_per_engine_and_batch():
     assert [(r["engine"], r["batch"]) for r in rows] == [("a", 1), ("b", 1), ("a", 8), ("b", 8)]
     assert all(r["runs"] == 6 and r["p95_ms"] >= r["p50_ms"] > 0 and r["images_per_s"] > 0 for r in rows)
     assert calls.count(("a", 8)) == 1 + 3 + 6  # warm-up, one untimed call per block, timed runs
-    assert benchmark.threads_to_use(3) == 3 and benchmark.threads_to_use(0) >= 1
     with pytest.raises(ValueError):
         benchmark.latency(engines, {1: np.zeros((1, 1))}, runs=0)
+
+
+def test_bench_threads_0_takes_omp_num_threads_when_set_else_every_core(monkeypatch):
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert benchmark.threads_to_use(3) == 3 and benchmark.threads_to_use(0) == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as make test's workers set it: each has one of the two cores
+    assert benchmark.threads_to_use(0) == 1 and benchmark.threads_to_use(2) == 2  # a count asked for wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")
+    assert benchmark.threads_to_use(0) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS='many'"):
+        benchmark.threads_to_use(0)
 
 
 def test_pareto_front_keeps_undominated_points():
