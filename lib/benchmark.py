@@ -43,7 +43,7 @@ def threads_to_use(threads: int) -> int:
     else every core the process may run on. More threads than free cores is not merely slower: on 2 cores,
     one of them busy, MobileNetV2's PyTorch forward pass took 1.6 s with 2 threads against 12 ms with 1."""
     if threads < 0:
-        raise ValueError(f"threads must be 0 (all cores) or positive, got {threads}")
+        raise ValueError(f"threads must be 0 (OMP_NUM_THREADS when set, else every core) or positive, got {threads}")
     if threads:
         return threads
     given = os.environ.get("OMP_NUM_THREADS", "").strip()
