@@ -440,6 +440,41 @@ def averaged_table(results: list[ConfigResult], k: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def probability_averages(results: list[ConfigResult], classes: list[str], k: int, reference: int = 0) -> pd.DataFrame:
+    """Configurations as an ensemble: the reference averaged with each other configuration (and, with
+    three or more, all of them together), their out-of-fold softmax probabilities averaged image by
+    image at equal weights, scored per fold as a configuration is, and compared with the reference on
+    the same folds (corrected resampled t-test). What a two-model ensemble would score, and so the mark
+    a distilled student of it could aim at; not one model (it runs every member). Only results holding
+    out-of-fold probabilities for the same images and folds take part; empty with fewer than two.
+    `classes` is the run's class list in label order (the order `true` counts in)."""
+    key = ["fold", "index"]
+    usable = [r for r in results if len(r.oof) and set(classes) <= set(r.oof)]
+    ref = results[reference]
+    if not any(r is ref for r in usable) or len(usable) < 2:
+        return pd.DataFrame()
+    frames = {id(r): r.oof.sort_values(key).reset_index(drop=True) for r in usable}
+    base = ref.folds.set_index("fold")["macro recall"]
+    groups = [[ref, r] for r in usable if r is not ref] + ([usable] if len(usable) > 2 else [])
+    rows = []
+    for members in groups:
+        o = frames[id(members[0])]
+        if any(not frames[id(m)][key].equals(o[key]) for m in members[1:]):
+            continue  # scored on other folds or images: not comparable image by image
+        pred = np.mean([frames[id(m)][classes].to_numpy() for m in members], axis=0).argmax(1)
+        true = o["true"].to_numpy().astype(int)
+        f = pd.DataFrame([{"fold": fold, "macro recall": macro_recall(true[i], pred[i], len(classes)),
+                           "miss rate": defect_vs_clean(true[i], pred[i], classes)["miss_rate"]}
+                          for fold, i in o.groupby("fold").indices.items()]).set_index("fold")
+        t = corrected_t(100 * (f["macro recall"] - base).dropna(), k)
+        rows.append({"averaged": " + ".join(m.config for m in members), "macro recall, mean": float(f["macro recall"].mean()),
+                     "std": float(f["macro recall"].std(ddof=1)), "worst fold": float(f["macro recall"].min()),
+                     "miss rate": float(f["miss rate"].mean()), "vs reference, points [95%], p": paired_text(t),
+                     "folds better / worse": f"{t['folds better']} / {t['folds worse']}",
+                     "per fold": ", ".join(f"{v:.3f}" for v in f["macro recall"])})
+    return pd.DataFrame(rows)
+
+
 def averaged_per_class(r: ConfigResult, classes: list[str]) -> pd.DataFrame:
     """One configuration's per-class recall (mean over folds), as given and under each test-time
     averaging, from its out-of-fold predictions: which classes the flips and turns help or hurt."""

@@ -205,3 +205,34 @@ def test_view_averaged_scores_are_compared_with_the_single_view_on_the_same_fold
     per_class = cv.averaged_per_class(r, ["a", "b"])
     assert list(per_class.index) == ["single view", "flips"] and list(per_class.columns) == ["a", "b"]
     assert per_class.loc["single view"].tolist() == [0.75, 0.5] and per_class.loc["flips"].tolist() == [0.5, 1.0]
+
+
+def test_configurations_averaged_score_the_mean_probabilities_on_the_reference_folds():
+    classes = ["clean", "open"]
+    true = np.array([0, 1, 1, 0, 1, 1])
+
+    def member(name, p_open, recalls):
+        r = _result(name, recalls, 3)
+        r.oof = pd.DataFrame({"fold": [1, 1, 2, 2, 3, 3], "index": [0, 1, 2, 3, 4, 5], "true": true,
+                              "clean": 1 - np.asarray(p_open), "open": p_open}).sample(frac=1, random_state=0)
+        return r
+
+    # each alone misses one open image (called clean); they miss different ones, sure of the other
+    ref = member("ref", [0.1, 0.4, 0.9, 0.1, 0.9, 0.9], [1.0, 1.0, 1.0])
+    other = member("other", [0.1, 0.9, 0.9, 0.1, 0.4, 0.9], [1.0, 1.0, 1.0])
+    ref.folds["macro recall"] = [0.5, 1.0, 1.0]  # fold 1 of the reference: its open image missed
+    other.folds["macro recall"] = [1.0, 1.0, 0.75]
+    third = member("third", [0.0] * 6, [0.5] * 3)
+    table = cv.probability_averages([ref, other, third], classes, k=3).set_index("averaged")
+    assert list(table.index) == ["ref + other", "ref + third", "ref + other + third"]
+    both = table.loc["ref + other"]
+    assert both["per fold"] == "1.000, 1.000, 1.000" and both["miss rate"] == 0.0  # (0.4 + 0.9) / 2 > 0.5
+    assert both["vs reference, points [95%], p"].startswith("+16.7 [") and both["folds better / worse"] == "1 / 0"
+    # (0.9 + 0) / 2 < 0.5: every open image called clean; fold 3 holds only open images
+    assert table.loc["ref + third", "per fold"] == "0.500, 0.500, 0.000" and table.loc["ref + third", "miss rate"] == 1.0
+    assert table.loc["ref + third", "folds better / worse"] == "0 / 2"  # level on fold 1, where ref missed too
+    # only results scored on the same images take part; one result alone has nothing to average
+    elsewhere = member("elsewhere", [0.9] * 6, [1.0] * 3)
+    elsewhere.oof["index"] += 100
+    assert cv.probability_averages([ref, elsewhere], classes, k=3).empty
+    assert cv.probability_averages([ref, _result("old", [0.8] * 3, 3)], classes, k=3).empty

@@ -69,6 +69,9 @@ def test_cross_validation_report_runs_two_folds_and_leaves_the_data_alone(cv_run
     assert {"macro recall (flips)", "macro recall (flips and quarter turns)"} <= set(config["folds"][0])
     assert "macro recall (flips)" not in other["folds"][0] and set(other["shifts"])
     assert "Test-time averaging over flips and quarter turns" in html
+    assert "Configurations averaged" in html
+    (average,) = record["probability_averages"]  # the two configurations averaged, on the same 4 folds
+    assert average["averaged"] == "reference + probe_c:0.05 test_views:4" and 0 <= average["worst fold"] <= 1
     groups = (tmp / "build" / "cv" / "groups.csv").read_text().splitlines()[0]
     assert groups.endswith("fold r1,fold r2")
 
