@@ -218,10 +218,8 @@ def test_configurations_averaged_score_the_mean_probabilities_on_the_reference_f
         return r
 
     # each alone misses one open image (called clean); they miss different ones, sure of the other
-    ref = member("ref", [0.1, 0.4, 0.9, 0.1, 0.9, 0.9], [1.0, 1.0, 1.0])
-    other = member("other", [0.1, 0.9, 0.9, 0.1, 0.4, 0.9], [1.0, 1.0, 1.0])
-    ref.folds["macro recall"] = [0.5, 1.0, 1.0]  # fold 1 of the reference: its open image missed
-    other.folds["macro recall"] = [1.0, 1.0, 0.75]
+    ref = member("ref", [0.1, 0.4, 0.9, 0.1, 0.9, 0.9], [0.5, 1.0, 1.0])  # fold 1: its open image missed
+    other = member("other", [0.1, 0.9, 0.9, 0.1, 0.4, 0.9], [1.0, 1.0, 0.5])  # fold 3: one of two open missed
     third = member("third", [0.0] * 6, [0.5] * 3)
     table = cv.probability_averages([ref, other, third], classes, k=3).set_index("averaged")
     assert list(table.index) == ["ref + other", "ref + third", "ref + other + third"]
