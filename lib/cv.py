@@ -179,7 +179,8 @@ class ConfigResult:
 
 def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representative: np.ndarray,
                classes: list[str], *, device, shift_names=(), build_dir="build", progress: bool = False,
-               log=print, feature_cache: dict | None = None, k: int | None = None) -> ConfigResult:
+               log=print, feature_cache: dict | None = None, k: int | None = None,
+               groups: np.ndarray | None = None) -> ConfigResult:
     """Train and score one configuration on every fold.
 
     A configuration with `test_views` above 1 is scored, under every shift too, as the average of its
@@ -189,7 +190,8 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
     For probe and lpft the pooled features of every image under the initial (pretrained)
     weights are computed once and shared by all folds, and by every configuration with the
     same architecture, weights and input size through `feature_cache`. `k` is the number of folds
-    per repeat (default: all splits are one repeat).
+    per repeat (default: all splits are one repeat). `groups` (the duplicate group of every image) keep
+    copies together when a `distill` configuration cross-fits its teachers inside a fold.
     """
     from lib import engine, model as net, recipes, shifts as shift_lib
     from lib.calibration import probabilities
@@ -216,7 +218,8 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
             feats = {"train": cache[key][tr]}
         trained = recipes.train_recipe(cfg.P, {"train": gray[tr]}, {"train": y[tr]}, n, device=device,
                                        generator=generator, progress=progress, build_dir=build_dir,
-                                       prepared=prepared, features=feats)
+                                       prepared=prepared, features=feats,
+                                       groups=None if groups is None else np.asarray(groups)[tr])
         weights, recipe = trained.weights["source"], trained.recipe
         notes.update(trained.notes)
         if trained.weights["source"] == "none" and cfg.P["weights"] not in ("none",):
@@ -363,7 +366,7 @@ def result_key(c: Config, data_key: str, splits, shift_names) -> tuple:
 
 def run_all(configs: list[Config], gray_by_size: dict, y: np.ndarray, splits, representative: np.ndarray,
             labels: list[str], *, device, shift_names, build_dir, cache_dir, data_key: str, k: int | None = None,
-            log=print) -> list[ConfigResult]:
+            log=print, groups: np.ndarray | None = None) -> list[ConfigResult]:
     """Every configuration on every fold, each result kept as plain JSON under cache_dir (keyed by the
     configuration, the data, the folds, the shifts and the code version) and reused when it matches,
     so an interrupted report resumes where it stopped. Synthetic-pretrained bodies are made first."""
@@ -378,7 +381,7 @@ def run_all(configs: list[Config], gray_by_size: dict, y: np.ndarray, splits, re
                            lambda c=c: run_config(c, gray_by_size[c.P["image_size"]], y, splits, representative,
                                                   labels, device=device, shift_names=shift_names,
                                                   build_dir=build_dir, feature_cache=feature_cache, log=log,
-                                                  k=k))
+                                                  k=k, groups=groups))
         log(f"  {'reused' if reused else 'ran'}: {r.seconds / 60:.1f} min when run")
         results.append(r)
     return results

@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         P, {s: parts[s].gray for s in parts}, {s: parts[s].y for s in parts}, len(labels), device=device,
         generator=generator, on_best=recipes.checkpoint_writer(P, labels, prepared, Path(out_dir) / "model.pt")
         if dist.main else None, build_dir=build, scratch_dir=build / "scratch", prepared=prepared, progress=dist.main,
-        resume=spec["resume"] or None, resume_key=spec["resume_key"], dist=dist)
+        resume=spec["resume"] or None, resume_key=spec["resume_key"], dist=dist,
+        groups=recipes.part_groups(parts["train"]))
     if dist.main:
         fit = trained.fit
         with io.atomic_path(Path(out_dir) / RESULT) as tmp:

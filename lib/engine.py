@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from lib.metrics import macro_recall
@@ -39,12 +40,14 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
 
 class GrayDataset(Dataset):
     """Cached grayscale images (in memory, or a `lib.cache.DiskArray` read one image at a time) +
-    integer labels; returns (normalised input, label)."""
+    integer labels; returns (normalised input, label), or (normalised input, target) with `targets`
+    [N, C] (class probabilities to train towards, `SoftTargetLoss`)."""
 
-    def __init__(self, gray, labels: np.ndarray, transform=None):
+    def __init__(self, gray, labels: np.ndarray, transform=None, targets: np.ndarray | None = None):
         self.gray = gray
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
         self.transform = transform
+        self.targets = None if targets is None else torch.tensor(np.asarray(targets), dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -53,7 +56,27 @@ class GrayDataset(Dataset):
         x = torch.from_numpy(np.array(self.gray[i], dtype=np.float32))
         if self.transform is not None:
             x = self.transform(x)
-        return normalize(x.float()), self.labels[i]
+        return normalize(x.float()), self.labels[i] if self.targets is None else self.targets[i]
+
+
+class SoftTargetLoss(nn.Module):
+    """Cross-entropy that takes either class indices [B] (exactly nn.CrossEntropyLoss with the same
+    weight and label_smoothing) or class probabilities [B, C]: sum_c w_c t_c (-log p_c) over the
+    batch, with t the target smoothed alike, divided by sum_c w_c t_c before smoothing, which for a
+    one-hot target is the class-index form's weighted mean."""
+
+    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight", weight.float())
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim == 1:
+            return F.cross_entropy(logits, target, weight=self.weight, label_smoothing=self.label_smoothing)
+        w = self.weight.to(logits.device)
+        smoothed = target * (1.0 - self.label_smoothing) + self.label_smoothing / logits.shape[1]
+        loss = -(smoothed * w * F.log_softmax(logits, dim=1)).sum()
+        return loss / (target * w).sum().clamp_min(1e-12)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -156,7 +179,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, prog
         if ema is not None:
             ema.update_parameters(model)
         total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += (logits.argmax(1) == (y.argmax(1) if y.ndim > 1 else y)).sum().item()
         seen += len(y)
         if progress is not None:
             progress.update(len(y))

@@ -111,6 +111,10 @@ SCHEMA: dict[str, Param] = {
     "ema_decay": Param(_NUM, "exponential moving average of the weights per step, evaluated and saved (0 = off)"),
     "mixup": Param(_NUM, "mixup: blend each training batch with a shuffled copy at a Beta(mixup, mixup) weight, the "
                          "loss alike (recipe partial: on the cached activations; 0 = off)"),
+    "distill": Param(_NUM, "weight (0-1) of cross-fitted teachers' class probabilities in each training image's "
+                           "target, the rest its label: the same configuration trained on the other half of the "
+                           "training groups predicts each image (about one more training; 0 = off)"),
+    "distill_temperature": Param(_NUM, "distill: the teachers' softmax temperature (above 1 softens their probabilities)"),
     "dropout": Param(_NUM, "dropout before the linear classifier"),
     "epochs": Param(int, "maximum training epochs"),
     "batch_size": Param(int, "training batch size"),

@@ -9,6 +9,9 @@
   price of a few;
 - `ft`: everything trains from the start (what random weights need).
 
+Any recipe but probe can learn from cross-fitted soft targets (`distill` > 0, `distill_targets`):
+its own configuration, trained on one half of the training groups, predicts the other half.
+
 `prepare` builds the model and loads its weights (`lib.model`); `train_recipe` runs the recipe
 with the engine (`lib.engine`). The training notebook and cross-validation share both.
 """
@@ -24,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lib.engine import FitResult, GrayDataset, batched, class_weights, fit, make_loader, precision_for
+from lib.engine import (FitResult, GrayDataset, SoftTargetLoss, batched, class_weights, fit, make_loader,
+                        precision_for)
 from lib.preprocess import normalize
 from lib.presets import augmentation
 
@@ -120,18 +124,20 @@ RECIPES = ("ft", "lpft", "partial", "probe")
 class ViewDataset(torch.utils.data.Dataset):
     """Cached trunk activations [N, V, C, H, W] (float16, in memory or a `lib.cache.DiskArray`) and
     labels: each draw of an item is one of its V views, chosen at random (view 0, the image itself,
-    when V is 1)."""
+    when V is 1); with `targets` [N, C], an item's target is its row there instead of its label."""
 
-    def __init__(self, acts, labels: np.ndarray):
+    def __init__(self, acts, labels: np.ndarray, targets: np.ndarray | None = None):
         self.acts = acts
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
+        self.targets = None if targets is None else torch.tensor(np.asarray(targets), dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
         v = int(torch.randint(self.acts.shape[1], ())) if self.acts.shape[1] > 1 else 0
-        return torch.from_numpy(self.acts[i, v].astype(np.float32)), self.labels[i]
+        return torch.from_numpy(self.acts[i, v].astype(np.float32)), \
+            self.labels[i] if self.targets is None else self.targets[i]
 
 
 @torch.inference_mode()
@@ -220,6 +226,8 @@ def train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, scratch_dir=No
     `scratch_dir` (a folder the project owns, created when missing): the `partial` recipe's trunk
     activations go to files there, read a batch at a time and removed when training ends, so that
     memory does not grow with the number of images; without it they stay in memory.
+    `groups`: the training images' duplicate groups, which `distill` > 0 keeps together when it
+    cross-fits its teachers (`distill_targets`).
     """
     if scratch_dir is None:
         return _train_recipe(P, gray, y, n_classes, scratch=None, **kwargs)
@@ -258,13 +266,75 @@ def _alive(pid: int) -> bool:
     return True
 
 
+DISTILL_FOLDS = 2  # cross-fitted teachers per training, each trained on the other half of the groups
+
+
+def distill_targets(P: dict, gray, y: np.ndarray, n_classes: int, *, groups=None, device, build_dir="build",
+                    scratch=None) -> tuple[np.ndarray, str]:
+    """Soft targets for the training images [N, C]: (1 - distill) x the one-hot label + distill x the
+    class probabilities (softmax of logits / distill_temperature) that a teacher gives the image
+    without having trained on it. Each of DISTILL_FOLDS teachers is this configuration with distill
+    off (seed + 1 + i), trained on the other folds of a stratified group split of the training images;
+    `groups` are their duplicate groups, so that no copy of an image teaches its own target (without
+    them each image is its own group). The teachers cost about one more training of the same
+    configuration (each sees half the images). The random state of Python, numpy and torch is as
+    before on return. Returns (targets, a note with the teachers' macro recall on the images they
+    predicted)."""
+    import random
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from lib.engine import logits, seed_everything
+    from lib.metrics import macro_recall
+
+    if not 0 < P["distill"] <= 1:
+        raise ValueError(f"parameter 'distill' must be between 0 (off) and 1, got {P['distill']}")
+    if not P["distill_temperature"] > 0:
+        raise ValueError(f"parameter 'distill_temperature' must be above 0, got {P['distill_temperature']}")
+    y = np.asarray(y)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    if len(groups) != len(y):
+        raise ValueError(f"distill: {len(groups)} groups for {len(y)} training images")
+    if len(np.unique(groups)) < DISTILL_FOLDS:
+        raise ValueError(f"parameter 'distill' needs at least {DISTILL_FOLDS} duplicate groups of training images "
+                         f"to cross-fit its teachers, found {len(np.unique(groups))}")
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    proba = np.zeros((len(y), n_classes), np.float32)
+    split = StratifiedGroupKFold(DISTILL_FOLDS, shuffle=True, random_state=P["seed"] % 2**32)
+    for i, (tr, te) in enumerate(split.split(np.zeros(len(y)), y, groups)):
+        TP = {**P, "distill": 0.0, "seed": P["seed"] + 1 + i}
+        where = None
+        if scratch is not None:
+            where = Path(scratch) / f"teacher{i}"
+            where.mkdir(exist_ok=True)
+        teacher = _train_recipe(TP, {"train": gray[np.sort(tr)]}, {"train": y[np.sort(tr)]}, n_classes,
+                                device=device, generator=seed_everything(TP["seed"], P["deterministic"]),
+                                progress=False, build_dir=build_dir, scratch=where)
+        z = torch.from_numpy(logits(teacher.model, normalize(gray[np.sort(te)]), device=device))
+        proba[np.sort(te)] = torch.softmax(z / P["distill_temperature"], 1).numpy()
+    random.setstate(state[0]), np.random.set_state(state[1]), torch.set_rng_state(state[2])
+    targets = (1.0 - P["distill"]) * np.eye(n_classes, dtype=np.float32)[y] + P["distill"] * proba
+    note = (f"Trained towards cross-fitted soft targets (`distill` {P['distill']:g}, temperature "
+            f"{P['distill_temperature']:g}): {DISTILL_FOLDS} teachers of this configuration, each trained on "
+            f"{DISTILL_FOLDS - 1}/{DISTILL_FOLDS} of the training groups, scored macro recall "
+            f"{macro_recall(y, proba.argmax(1), n_classes):.3f} on the training images they predicted.")
+    return targets.astype(np.float32), note
+
+
 def _train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, generator, on_best=None,
                   progress: bool = True, build_dir="build", prepared: Trained | None = None,
                   features: dict | None = None, resume=None, resume_key: str = "", after_epoch=None,
-                  dist=None, scratch=None) -> Trained:
+                  dist=None, scratch=None, groups=None) -> Trained:
     from lib.metrics import macro_recall
 
     out = prepared or prepare(P, n_classes, build_dir=build_dir)
+    targets = None
+    if P.get("distill", 0) and out.recipe != "probe":
+        targets, note = distill_targets(P, gray["train"], y["train"], n_classes, groups=groups, device=device,
+                                        build_dir=build_dir, scratch=scratch)
+        out.notes.append(note)
+    elif P.get("distill", 0):
+        out.notes.append("`distill` is ignored by recipe probe: its logistic regression fits the labels.")
     model = out.model.to(device)
     has_val = "val" in gray and len(gray["val"]) > 0
     on_best = on_best or (lambda *a: None)
@@ -310,14 +380,16 @@ def _train_recipe(P: dict, gray: dict, y: dict, n_classes: int, *, device, gener
             return out
     weights_ce = class_weights(y["train"], n_classes) if P["class_weights"] else torch.ones(n_classes)
     weights_ce[torch.from_numpy(counts == 0)] = 0.0
-    criterion = nn.CrossEntropyLoss(weight=weights_ce.to(device), label_smoothing=P["label_smoothing"])
+    criterion = nn.CrossEntropyLoss(weight=weights_ce.to(device), label_smoothing=P["label_smoothing"]) \
+        if targets is None else SoftTargetLoss(weights_ce.to(device), P["label_smoothing"])
     if top is not None:  # the top blocks learn from cached activations; the checkpoint is the whole network
         fitted, frozen, best = top, [], (lambda m, epoch, val: on_best(m.net, epoch, val))
-        train_set, val_set = ViewDataset(acts["train"], y["train"]), ViewDataset(acts["val"], y["val"]) if has_val else None
+        train_set = ViewDataset(acts["train"], y["train"], targets)
+        val_set = ViewDataset(acts["val"], y["val"]) if has_val else None
     else:
         fitted, best = model, on_best
         frozen = freeze(model, P["freeze_blocks"]) if P["freeze_blocks"] > 0 else []
-        train_set = GrayDataset(gray["train"], y["train"], augmentation(P))
+        train_set = GrayDataset(gray["train"], y["train"], augmentation(P), targets=targets)
         val_set = GrayDataset(gray["val"], y["val"]) if has_val else None
     if dist is None:
         train_loader = make_loader(train_set, batch_size=P["batch_size"], train=True, generator=generator,
@@ -452,8 +524,13 @@ def train_and_checkpoint(P: dict, parts: dict, labels: list[str], prepared: Trai
                            device=device, generator=generator,
                            on_best=checkpoint_writer(P, labels, prepared, checkpoint), build_dir=build_dir,
                            scratch_dir=Path(build_dir) / "scratch", prepared=prepared, resume=resume,
-                           resume_key=resume_key)
+                           resume_key=resume_key, groups=part_groups(parts["train"]))
     return trained, time.perf_counter() - started
+
+
+def part_groups(part) -> np.ndarray | None:
+    """The duplicate groups of a decoded part's images (the split's `group` column), when it has them."""
+    return part.rows["group"].to_numpy() if "group" in part.rows else None
 
 
 def check_processes(P: dict, device) -> None:

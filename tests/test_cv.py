@@ -234,3 +234,26 @@ def test_configurations_averaged_score_the_mean_probabilities_on_the_reference_f
     elsewhere.oof["index"] += 100
     assert cv.probability_averages([ref, elsewhere], classes, k=3).empty
     assert cv.probability_averages([ref, _result("old", [0.8] * 3, 3)], classes, k=3).empty
+
+
+def test_a_distill_configuration_cross_fits_its_teachers_on_each_fold_s_own_groups(monkeypatch):
+    from lib import recipes
+
+    cfg = cv.parse_config("arch:efficientnet_lite0 weights:imagenet recipe:partial image_size:32 freeze_blocks:14 "
+                          "cache_views:1 epochs:1 batch_size:8 distill:0.5", params.read_file(params.BASE))
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 8)
+    gray = rng.random((len(y), 1, 32, 32), dtype=np.float32)
+    groups = np.arange(len(y)) // 2  # pairs of copies
+    splits = cv.folds(y, groups, 2, 0)
+    seen = []
+
+    def fake(P, gray_, y_, n, *, groups=None, **kw):  # the teachers, replaced: what they are given is the point
+        seen.append(groups.copy())
+        return np.eye(n, dtype=np.float32)[y_], "teachers were here"
+
+    monkeypatch.setattr(recipes, "distill_targets", fake)
+    r = cv.run_config(cfg, gray, y, splits, np.ones(len(y), bool), ["a", "b", "c"], device="cpu", groups=groups,
+                      log=lambda *a: None)
+    assert [g.tolist() for g in seen] == [groups[tr].tolist() for tr, _ in splits]
+    assert "teachers were here" in r.notes and len(r.folds) == 2

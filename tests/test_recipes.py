@@ -271,3 +271,79 @@ def test_batchnorm_adaptation_makes_the_top_blocks_normalise_as_training_will():
     assert all(torch.equal(v, top.state_dict()[k]) for k, v in weights.items())
     norms = [m for m in top.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.momentum is not None for m in norms) and not top.training
+
+
+def test_soft_target_loss_is_cross_entropy_on_labels_and_on_one_hot_rows():
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 1])
+    w = torch.tensor([1.0, 0.5, 2.0, 3.0])
+    ref = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)(logits, y)
+    loss = engine.SoftTargetLoss(w, 0.1)
+    assert torch.allclose(loss(logits, y), ref)
+    assert torch.allclose(loss(logits, torch.eye(4)[y]), ref, atol=1e-6)
+    soft = torch.eye(4)[y] * 0.5 + 0.125  # half of each row's mass spread over the classes
+    smoothed = soft * 0.9 + 0.1 / 4
+    expected = -(smoothed * w * torch.log_softmax(logits, 1)).sum() / (soft * w).sum()
+    assert torch.allclose(loss(logits, soft), expected) and not torch.allclose(loss(logits, soft), ref)
+
+
+def test_distill_targets_come_from_teachers_that_never_saw_the_image_or_its_copies(monkeypatch):
+    gray, y = tiny_data(per_class=8)
+    groups = np.arange(len(y)) // 2  # pairs of copies
+    P = tiny_params(arch="efficientnet_lite0", weights="imagenet", recipe="partial", freeze_blocks=14, cache_views=2,
+                    epochs=1, distill=0.4, distill_temperature=2.0)
+    seen = []
+    real = recipes._train_recipe
+
+    def spy(TP, gray_, y_, n, **kw):
+        seen.append((TP["distill"], TP["seed"], {bytes(g.tobytes()) for g in gray_["train"]}))
+        return real(TP, gray_, y_, n, **kw)
+
+    monkeypatch.setattr(recipes, "_train_recipe", spy)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    targets, note = recipes.distill_targets(P, gray, y, 3, groups=groups, device="cpu")
+    assert torch.equal(torch.get_rng_state(), before)  # the student's random draws are not shifted
+    assert [s[:2] for s in seen] == [(0.0, P["seed"] + 1), (0.0, P["seed"] + 2)]
+    for i, g in enumerate(gray):
+        taught_by = [t for t, (_, _, images) in enumerate(seen) if bytes(g.tobytes()) not in images]
+        assert len(taught_by) == 1, f"image {i}"  # exactly one teacher did not train on it...
+        mate = gray[groups == groups[i]]
+        assert all(bytes(m.tobytes()) not in seen[taught_by[0]][2] for m in mate)  # ...nor on its copy
+    assert targets.shape == (len(y), 3) and np.allclose(targets.sum(1), 1, atol=1e-5)
+    assert (targets[np.arange(len(y)), y] >= 0.6 - 1e-6).all()  # the label keeps 1 - distill at least
+    assert "2 teachers" in note and "macro recall" in note
+
+
+def test_distill_trains_the_student_on_soft_targets_and_says_so():
+    gray, y = tiny_data(per_class=6)
+    P = tiny_params(arch="efficientnet_lite0", weights="imagenet", recipe="partial", freeze_blocks=14, cache_views=2,
+                    epochs=1, distill=0.5)
+    out = recipes.train_recipe(P, {"train": gray}, {"train": y}, 3, device="cpu", generator=engine.seed_everything(0),
+                               progress=False)
+    assert any("cross-fitted soft targets" in n for n in out.notes) and len(out.fit.history) == 1
+    probe = recipes.train_recipe({**P, "recipe": "probe"}, {"train": gray}, {"train": y}, 3, device="cpu",
+                                 generator=engine.seed_everything(0), progress=False)
+    assert any("ignored by recipe probe" in n for n in probe.notes)
+
+
+@pytest.mark.parametrize("over, message", [({"distill": 1.5}, "'distill' must be between 0"),
+                                           ({"distill": -0.1}, "'distill' must be between 0"),
+                                           ({"distill_temperature": 0}, "'distill_temperature' must be above 0")])
+def test_distill_refuses_bad_values_by_name(over, message):
+    gray, y = tiny_data(per_class=2)
+    P = tiny_params(recipe="partial", **{"distill": 0.5, **over})
+    with pytest.raises(ValueError, match=message):
+        recipes.distill_targets(P, gray, y, 3, device="cpu")
+    with pytest.raises(ValueError, match="at least 2 duplicate groups"):
+        recipes.distill_targets(tiny_params(distill=0.5), gray, y, 3, groups=np.zeros(len(y)), device="cpu")
+
+
+def test_the_training_route_hands_the_split_s_duplicate_groups_to_distill():
+    import pandas as pd
+
+    from lib.data import Part
+
+    rows = pd.DataFrame({"path": ["a.png", "b.png", "c.png"], "group": [4, 4, 7]})
+    assert recipes.part_groups(Part(rows, None, np.zeros(3, int))).tolist() == [4, 4, 7]
+    assert recipes.part_groups(Part(rows.drop(columns="group"), None, np.zeros(3, int))) is None
