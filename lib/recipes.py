@@ -269,28 +269,53 @@ def _alive(pid: int) -> bool:
 DISTILL_FOLDS = 2  # cross-fitted teachers per training, each trained on the other half of the groups
 
 
+def check_distill(P: dict) -> None:
+    """`distill` and `distill_temperature` in range, before anything is decoded or trained (errors name the key)."""
+    if not 0 <= P.get("distill", 0) <= 1:
+        raise ValueError(f"parameter 'distill' must be between 0 (off) and 1, got {P['distill']}")
+    if not P.get("distill_temperature", 1) > 0:
+        raise ValueError(f"parameter 'distill_temperature' must be above 0, got {P['distill_temperature']}")
+
+
+class Rows:
+    """Rows `idx` of an image array or a `lib.cache.DiskArray`, read only when indexed (what
+    `GrayDataset`, `trunk_views` and `pooled_features` read), so a teacher's half of a disk-backed
+    training set is not copied into memory."""
+
+    def __init__(self, gray, idx: np.ndarray):
+        self.gray, self.idx = gray, np.asarray(idx)
+        self.shape = (len(self.idx), *gray.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, key):
+        return self.gray[self.idx[key]]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.gray[self.idx], dtype=dtype)
+
+
 def distill_targets(P: dict, gray, y: np.ndarray, n_classes: int, *, groups=None, device, build_dir="build",
                     scratch=None) -> tuple[np.ndarray, str]:
     """Soft targets for the training images [N, C]: (1 - distill) x the one-hot label + distill x the
     class probabilities (softmax of logits / distill_temperature) that a teacher gives the image
     without having trained on it. Each of DISTILL_FOLDS teachers is this configuration with distill
-    off (seed + 1 + i), trained on the other folds of a stratified group split of the training images;
-    `groups` are their duplicate groups, so that no copy of an image teaches its own target (without
-    them each image is its own group). The teachers cost about one more training of the same
-    configuration (each sees half the images). The random state of Python, numpy and torch is as
-    before on return. Returns (targets, a note with the teachers' macro recall on the images they
-    predicted)."""
-    import random
+    off (seed + 1 + i), trained for all `epochs` (no validation) on the other folds of a stratified
+    group split of the training images; `groups` are their duplicate groups, so that no copy of an
+    image teaches its own target (without them each image is its own group). The teachers cost about
+    one more training of the same configuration (each sees half the images); under torchrun every
+    process computes them (the same targets: same seeds). The random state of Python, numpy, torch
+    and CUDA is as before on return. Returns (targets, a note with the teachers' macro recall on
+    the images they predicted)."""
+    import shutil
 
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from lib.engine import logits, seed_everything
+    from lib.engine import _rng_states, _set_rng_states, logits, seed_everything
     from lib.metrics import macro_recall
 
-    if not 0 < P["distill"] <= 1:
-        raise ValueError(f"parameter 'distill' must be between 0 (off) and 1, got {P['distill']}")
-    if not P["distill_temperature"] > 0:
-        raise ValueError(f"parameter 'distill_temperature' must be above 0, got {P['distill_temperature']}")
+    check_distill(P)
     y = np.asarray(y)
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     if len(groups) != len(y):
@@ -298,21 +323,25 @@ def distill_targets(P: dict, gray, y: np.ndarray, n_classes: int, *, groups=None
     if len(np.unique(groups)) < DISTILL_FOLDS:
         raise ValueError(f"parameter 'distill' needs at least {DISTILL_FOLDS} duplicate groups of training images "
                          f"to cross-fit its teachers, found {len(np.unique(groups))}")
-    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    state = _rng_states(None)
     proba = np.zeros((len(y), n_classes), np.float32)
     split = StratifiedGroupKFold(DISTILL_FOLDS, shuffle=True, random_state=P["seed"] % 2**32)
-    for i, (tr, te) in enumerate(split.split(np.zeros(len(y)), y, groups)):
-        TP = {**P, "distill": 0.0, "seed": P["seed"] + 1 + i}
-        where = None
-        if scratch is not None:
-            where = Path(scratch) / f"teacher{i}"
-            where.mkdir(exist_ok=True)
-        teacher = _train_recipe(TP, {"train": gray[np.sort(tr)]}, {"train": y[np.sort(tr)]}, n_classes,
-                                device=device, generator=seed_everything(TP["seed"], P["deterministic"]),
-                                progress=False, build_dir=build_dir, scratch=where)
-        z = torch.from_numpy(logits(teacher.model, normalize(gray[np.sort(te)]), device=device))
-        proba[np.sort(te)] = torch.softmax(z / P["distill_temperature"], 1).numpy()
-    random.setstate(state[0]), np.random.set_state(state[1]), torch.set_rng_state(state[2])
+    try:
+        for i, (tr, te) in enumerate(split.split(np.zeros(len(y)), y, groups)):
+            TP = {**P, "distill": 0.0, "seed": P["seed"] + 1 + i}
+            where = None if scratch is None else Path(scratch) / f"teacher{i}"
+            if where is not None:
+                where.mkdir(exist_ok=True)
+            teacher = _train_recipe(TP, {"train": Rows(gray, tr)}, {"train": y[tr]}, n_classes, device=device,
+                                    generator=seed_everything(TP["seed"], P["deterministic"]), progress=False,
+                                    build_dir=build_dir, scratch=where)
+            z = batched(lambda a, b: logits(teacher.model, normalize(gray[te[a:b]]), device=device), len(te), 256)
+            proba[te] = torch.softmax(torch.from_numpy(z) / P["distill_temperature"], 1).numpy()
+            del teacher
+            if where is not None:
+                shutil.rmtree(where, ignore_errors=True)
+    finally:
+        _set_rng_states(state, None)
     targets = (1.0 - P["distill"]) * np.eye(n_classes, dtype=np.float32)[y] + P["distill"] * proba
     note = (f"Trained towards cross-fitted soft targets (`distill` {P['distill']:g}, temperature "
             f"{P['distill_temperature']:g}): {DISTILL_FOLDS} teachers of this configuration, each trained on "
@@ -534,7 +563,9 @@ def part_groups(part) -> np.ndarray | None:
 
 
 def check_processes(P: dict, device) -> None:
-    """nproc_per_node and sync_bn against the device, before any process starts (errors name the key)."""
+    """nproc_per_node and sync_bn against the device, and the distill values, before any process starts
+    (errors name the key)."""
+    check_distill(P)
     n, cuda = P.get("nproc_per_node", 1), str(device).startswith("cuda")
     if n < 1:
         raise ValueError(f"parameter 'nproc_per_node' must be at least 1, got {n}")

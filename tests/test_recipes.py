@@ -290,41 +290,79 @@ def test_soft_target_loss_is_cross_entropy_on_labels_and_on_one_hot_rows():
 def test_distill_targets_come_from_teachers_that_never_saw_the_image_or_its_copies(monkeypatch):
     gray, y = tiny_data(per_class=8)
     groups = np.arange(len(y)) // 2  # pairs of copies
-    P = tiny_params(arch="efficientnet_lite0", weights="imagenet", recipe="partial", freeze_blocks=14, cache_views=2,
-                    epochs=1, distill=0.4, distill_temperature=2.0)
-    seen = []
-    real = recipes._train_recipe
+    P = tiny_params(recipe="partial", distill=0.4, distill_temperature=2.0)
+    trained_on = []
 
-    def spy(TP, gray_, y_, n, **kw):
-        seen.append((TP["distill"], TP["seed"], {bytes(g.tobytes()) for g in gray_["train"]}))
-        return real(TP, gray_, y_, n, **kw)
+    class Stub(torch.nn.Module):  # teacher t always gives class t a logit of 4, the others 0
+        def __init__(self, t):
+            super().__init__()
+            self.t = t
 
-    monkeypatch.setattr(recipes, "_train_recipe", spy)
+        def forward(self, x):
+            z = torch.zeros(len(x), 3)
+            z[:, self.t] = 4.0
+            return z
+
+    def teacher(TP, gray_, y_, n, **kw):
+        assert TP["distill"] == 0.0 and TP["seed"] == P["seed"] + 1 + len(trained_on)
+        trained_on.append({g.tobytes() for g in np.asarray(gray_["train"])})
+        return recipes.Trained(model=Stub(len(trained_on) - 1), weights={}, recipe="partial")
+
+    monkeypatch.setattr(recipes, "_train_recipe", teacher)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     targets, note = recipes.distill_targets(P, gray, y, 3, groups=groups, device="cpu")
     assert torch.equal(torch.get_rng_state(), before)  # the student's random draws are not shifted
-    assert [s[:2] for s in seen] == [(0.0, P["seed"] + 1), (0.0, P["seed"] + 2)]
+    assert len(trained_on) == 2 and "2 teachers" in note and "macro recall" in note
+    soft = torch.softmax(torch.tensor([4.0, 0.0, 0.0]) / 2.0, 0).numpy()
     for i, g in enumerate(gray):
-        taught_by = [t for t, (_, _, images) in enumerate(seen) if bytes(g.tobytes()) not in images]
+        taught_by = [t for t, images in enumerate(trained_on) if g.tobytes() not in images]
         assert len(taught_by) == 1, f"image {i}"  # exactly one teacher did not train on it...
-        mate = gray[groups == groups[i]]
-        assert all(bytes(m.tobytes()) not in seen[taught_by[0]][2] for m in mate)  # ...nor on its copy
-    assert targets.shape == (len(y), 3) and np.allclose(targets.sum(1), 1, atol=1e-5)
-    assert (targets[np.arange(len(y)), y] >= 0.6 - 1e-6).all()  # the label keeps 1 - distill at least
-    assert "2 teachers" in note and "macro recall" in note
+        assert all(m.tobytes() not in trained_on[taught_by[0]] for m in gray[groups == groups[i]])  # ...nor its copy
+        expected = 0.6 * np.eye(3)[y[i]] + 0.4 * np.roll(soft, taught_by[0])  # ...and its row is that teacher's
+        assert np.allclose(targets[i], expected, atol=1e-6), f"image {i}"
 
 
-def test_distill_trains_the_student_on_soft_targets_and_says_so():
+@pytest.mark.parametrize("recipe, over", [("partial", {}), ("ft", {"weights": "none", "mixup": 0.2})])
+def test_distill_trains_the_student_on_soft_targets_and_says_so(monkeypatch, recipe, over):
     gray, y = tiny_data(per_class=6)
-    P = tiny_params(arch="efficientnet_lite0", weights="imagenet", recipe="partial", freeze_blocks=14, cache_views=2,
-                    epochs=1, distill=0.5)
+    P = tiny_params(**{"arch": "efficientnet_lite0", "weights": "imagenet", "recipe": recipe, "freeze_blocks": 14,
+                       "cache_views": 2, "epochs": 1, "distill": 0.5, **over})
+    seen, real_fit = [], recipes.fit
+
+    def spy(model, train_loader, *a, criterion, **kw):
+        seen.append((type(criterion).__name__, train_loader.dataset.targets))
+        return real_fit(model, train_loader, *a, criterion=criterion, **kw)
+
+    monkeypatch.setattr(recipes, "fit", spy)
     out = recipes.train_recipe(P, {"train": gray}, {"train": y}, 3, device="cpu", generator=engine.seed_everything(0),
                                progress=False)
     assert any("cross-fitted soft targets" in n for n in out.notes) and len(out.fit.history) == 1
-    probe = recipes.train_recipe({**P, "recipe": "probe"}, {"train": gray}, {"train": y}, 3, device="cpu",
+    assert [name for name, _ in seen] == ["CrossEntropyLoss", "CrossEntropyLoss", "SoftTargetLoss"]  # 2 teachers
+    assert seen[0][1] is None and seen[1][1] is None
+    student = seen[2][1].numpy()
+    assert student.shape == (len(y), 3) and np.allclose(student.sum(1), 1, atol=1e-5)
+    assert (student[np.arange(len(y)), y] >= 0.5 - 1e-6).all() and np.abs(student - np.eye(3)[y]).max() > 1e-3
+
+
+def test_probe_ignores_distill_and_says_so():
+    gray, y = tiny_data(per_class=6)
+    P = tiny_params(arch="efficientnet_lite0", weights="imagenet", recipe="probe", distill=0.5)
+    probe = recipes.train_recipe(P, {"train": gray}, {"train": y}, 3, device="cpu",
                                  generator=engine.seed_everything(0), progress=False)
     assert any("ignored by recipe probe" in n for n in probe.notes)
+
+
+def test_rows_read_a_subset_lazily_by_the_same_indexing(tmp_path):
+    from lib import cache
+
+    gray = np.arange(5 * 2 * 2, dtype=np.float32).reshape(5, 1, 2, 2)
+    on_disk = cache.DiskArray(cache.write(tmp_path / "gray.npy", gray.shape, np.float32, [gray[:2], gray[2:]]))
+    for source in (gray, on_disk):
+        rows = recipes.Rows(source, np.array([4, 1, 3]))
+        assert len(rows) == 3 and rows.shape == (3, 1, 2, 2)
+        assert np.array_equal(rows[0], gray[4]) and np.array_equal(rows[1:], gray[[1, 3]])
+        assert np.array_equal(rows[np.array([2, 0])], gray[[3, 4]]) and np.array_equal(np.asarray(rows), gray[[4, 1, 3]])
 
 
 @pytest.mark.parametrize("over, message", [({"distill": 1.5}, "'distill' must be between 0"),
@@ -335,6 +373,8 @@ def test_distill_refuses_bad_values_by_name(over, message):
     P = tiny_params(recipe="partial", **{"distill": 0.5, **over})
     with pytest.raises(ValueError, match=message):
         recipes.distill_targets(P, gray, y, 3, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        recipes.check_processes(P, "cpu")  # the training route checks before it trains
     with pytest.raises(ValueError, match="at least 2 duplicate groups"):
         recipes.distill_targets(tiny_params(distill=0.5), gray, y, 3, groups=np.zeros(len(y)), device="cpu")
 
