@@ -49,13 +49,7 @@ def parse_config(text: str, base: dict) -> Config:
         value = yaml.safe_load(raw) if raw else ""
         if key in params.SCHEMA and params.SCHEMA[key].type is str and not isinstance(value, str):
             value = raw  # a path or name that YAML read as a number
-        overrides[key] = params.check(key, value, f"cv config {text!r}")
-    from lib.recipes import check_distill
-
-    try:
-        check_distill({**base, **overrides})
-    except ValueError as e:
-        raise params.ParamError(f"cv config {text!r}: {e}") from None
+        overrides[key] = params.check(key, value, f"cv config {text!r}")  # type, choices and range
     return Config(text=text, overrides=overrides, P={**base, **overrides})
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lib import params
 from lib.engine import (FitResult, GrayDataset, SoftTargetLoss, batched, class_weights, fit, make_loader,
                         precision_for)
 from lib.preprocess import normalize
@@ -269,14 +270,6 @@ def _alive(pid: int) -> bool:
 DISTILL_FOLDS = 2  # cross-fitted teachers per training, each trained on the other half of the groups
 
 
-def check_distill(P: dict) -> None:
-    """`distill` and `distill_temperature` in range, before anything is decoded or trained (errors name the key)."""
-    if not 0 <= P.get("distill", 0) <= 1:
-        raise ValueError(f"parameter 'distill' must be between 0 (off) and 1, got {P['distill']}")
-    if not P.get("distill_temperature", 1) > 0:
-        raise ValueError(f"parameter 'distill_temperature' must be above 0, got {P['distill_temperature']}")
-
-
 class Rows:
     """Rows `idx` of an image array or a `lib.cache.DiskArray`, read only when indexed (what
     `GrayDataset`, `trunk_views` and `pooled_features` read), so a teacher's half of a disk-backed
@@ -315,7 +308,7 @@ def distill_targets(P: dict, gray, y: np.ndarray, n_classes: int, *, groups=None
     from lib.engine import _rng_states, _set_rng_states, logits, seed_everything
     from lib.metrics import macro_recall
 
-    check_distill(P)
+    params.check_keys(P, ("distill", "distill_temperature"))
     y = np.asarray(y)
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     if len(groups) != len(y):
@@ -563,12 +556,10 @@ def part_groups(part) -> np.ndarray | None:
 
 
 def check_processes(P: dict, device) -> None:
-    """nproc_per_node and sync_bn against the device, and the distill values, before any process starts
-    (errors name the key)."""
-    check_distill(P)
+    """nproc_per_node, distill and distill_temperature within their schema ranges, and nproc_per_node and
+    sync_bn against the device, before any process starts (errors name the key)."""
+    params.check_keys(P, ("distill", "distill_temperature", "nproc_per_node"))
     n, cuda = P.get("nproc_per_node", 1), str(device).startswith("cuda")
-    if n < 1:
-        raise ValueError(f"parameter 'nproc_per_node' must be at least 1, got {n}")
     if cuda and n > torch.cuda.device_count():
         raise ValueError(f"parameter 'nproc_per_node' is {n}, but this machine has {torch.cuda.device_count()} "
                          f"CUDA devices (one process per GPU)")

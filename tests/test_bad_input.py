@@ -191,6 +191,13 @@ def test_a_wrong_type_stops_the_run_naming_the_key(tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_value_out_of_range_stops_the_run_before_any_stage_naming_the_key_and_range(tmp_path):
+    out, f = run_with(tmp_path, "dropout: 1.5\n", "all")
+    clean_error(out, "parameter 'dropout'", str(f), "must be at least 0 and below 1", "got 1.5")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.e2e
 def test_a_removed_key_says_what_replaced_it(tmp_path):
     out, _ = run_with(tmp_path, "synthetic: false\ndata_dir: /somewhere\n")
     clean_error(out, "parameter 'synthetic'", "was removed", "data_dir alone")

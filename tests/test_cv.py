@@ -64,7 +64,7 @@ def test_config_lines_are_checked_against_the_schema():
         cv.parse_config("recipe:magic", base)
     with pytest.raises(params.ParamError, match="unknown parameter 'epoch'"):
         cv.parse_config("epoch:3", base)
-    with pytest.raises(params.ParamError, match="cv config 'distill:2': parameter 'distill' must be between 0"):
+    with pytest.raises(params.ParamError, match=r"parameter 'distill' \(in cv config 'distill:2'\) must be at least 0 and at most 1, got 2"):
         cv.parse_config("distill:2", base)
     with pytest.raises(params.ParamError, match="not key:value"):
         cv.parse_config("arch", base)

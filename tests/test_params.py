@@ -80,6 +80,47 @@ def test_wrong_type_is_named(tmp_path, text, key):
         params.resolve(f)
 
 
+BOUNDED = sorted(k for k, spec in params.SCHEMA.items() if spec.bounds())
+
+
+def _outside(spec):
+    """Values just outside each bound of a key's range, of the key's own type."""
+    step = 1 if spec.type is int else 1e-3
+    return [v for v in (None if spec.ge is None else spec.ge - step, spec.gt, None if spec.le is None else spec.le + step,
+                        spec.lt) if v is not None]
+
+
+@pytest.mark.parametrize("key", BOUNDED)
+def test_a_value_out_of_its_range_is_named_with_its_file_and_the_range(tmp_path, key):
+    spec = params.SCHEMA[key]
+    f = tmp_path / "x.yaml"
+    for value in _outside(spec):
+        f.write_text(yaml.safe_dump({key: value}))
+        with pytest.raises(ParamError, match=rf"parameter '{key}' \(in .*x.yaml\) must be {spec.bounds()}, got "):
+            params.resolve(f)
+    for value in (spec.ge, spec.le):  # closed bounds are admitted
+        if value is not None:
+            f.write_text(yaml.safe_dump({key: spec.type(value) if spec.type is int else value}))
+            assert params.resolve(f)[key] == value
+
+
+def test_every_numeric_key_that_counts_or_weighs_something_has_a_range():
+    numeric = {k for k, spec in params.SCHEMA.items() if spec.type in (int, float, params._NUM) and not spec.choices}
+    assert numeric - set(BOUNDED) == {"seed"}  # any integer seeds a generator
+
+
+def test_ranges_are_worded_and_checked_at_every_entry_point():
+    assert params.SCHEMA["dropout"].bounds() == "at least 0 and below 1"
+    assert params.SCHEMA["lr"].bounds() == "above 0"
+    with pytest.raises(ParamError, match=r"parameter 'batch_size' \(in overrides\) must be at least 1, got 0"):
+        params.resolve(overrides={"batch_size": 0})
+    with pytest.raises(ParamError, match=r"parameter 'cv_folds' \(in notebook parameters\) must be at least 2, got 1"):
+        params.collect({"cv_folds": 1})
+    with pytest.raises(ParamError, match=r"parameter 'nproc_per_node' \(in training parameters\) must be at least 1"):
+        params.check_keys({"nproc_per_node": 0, "not a key": 1}, ["nproc_per_node", "epochs"])
+    params.check_keys({"epochs": 3}, ["epochs", "nproc_per_node"])  # keys P lacks are not checked
+
+
 def test_overlays_merge_in_order(tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("epochs: 3\nlr: 0.1\n")

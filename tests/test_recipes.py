@@ -365,9 +365,9 @@ def test_rows_read_a_subset_lazily_by_the_same_indexing(tmp_path):
         assert np.array_equal(rows[np.array([2, 0])], gray[[3, 4]]) and np.array_equal(np.asarray(rows), gray[[4, 1, 3]])
 
 
-@pytest.mark.parametrize("over, message", [({"distill": 1.5}, "'distill' must be between 0"),
-                                           ({"distill": -0.1}, "'distill' must be between 0"),
-                                           ({"distill_temperature": 0}, "'distill_temperature' must be above 0")])
+@pytest.mark.parametrize("over, message", [({"distill": 1.5}, "'distill' .* must be at least 0 and at most 1, got 1.5"),
+                                           ({"distill": -0.1}, "'distill' .* must be at least 0 and at most 1"),
+                                           ({"distill_temperature": 0}, "'distill_temperature' .* must be above 0")])
 def test_distill_refuses_bad_values_by_name(over, message):
     gray, y = tiny_data(per_class=2)
     P = tiny_params(recipe="partial", **{"distill": 0.5, **over})
