@@ -5,7 +5,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 from conftest import ROOT, make
 
@@ -37,9 +40,16 @@ def test_evaluation_report_holds_recall_table_and_confusion_matrix(smoke_run):
     assert metrics["temperature_fitted"] == (fit["interval"] is not None and not fit["interval"][0] <= 1 <= fit["interval"][1])
 
 
-def test_training_loss_fell_and_weights_are_named(smoke_run):
-    summary = json.loads((smoke_run[0] / "build" / "train" / "summary.json").read_text())
-    assert summary["last_train_loss"] < summary["first_train_loss"]
+def test_training_ran_every_epoch_moved_the_weights_and_names_them(smoke_run):
+    # Whether three epochs of 4 steps lower the smoke run's loss depends on the CPU's float kernels (on one
+    # EPYC it rose, 2.127 to 2.142): test_engine checks that training lowers a loss. Here: every epoch ran
+    # with finite losses, and the saved weights left their initialisation (zero head bias, BN never run).
+    train = smoke_run[0] / "build" / "train"
+    summary = json.loads((train / "summary.json").read_text())
+    history = pd.read_csv(train / "history.csv")
+    assert len(history) == summary["epochs_run"] == 3 and np.isfinite(history[["train_loss", "val_loss"]]).all().all()
+    state = torch.load(train / "model.pt", map_location="cpu", weights_only=False)["model"]
+    assert state["classifier.1.bias"].abs().max() > 0 and state["features.0.1.num_batches_tracked"] > 0
     assert summary["weights"]["source"] == "none"
     assert "Weights used" in (smoke_run[0] / "reports" / "03_training.html").read_text()
     assert not (smoke_run[0] / "build" / "resume" / "train.pt").exists()  # the stage completed: nothing to resume
