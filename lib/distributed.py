@@ -51,6 +51,15 @@ def init(seed: int, *, sync_bn: bool = False, device: str = "cpu") -> Dist:
     return Dist(rank=td.get_rank(), world=td.get_world_size(), seed=seed, sync_bn=sync_bn)
 
 
+def shutdown() -> None:
+    """Leave the process group once every rank is done: the barrier keeps one rank from tearing gloo down
+    while another still works (without it a rank could abort in teardown)."""
+    import torch.distributed as td
+
+    td.barrier()
+    td.destroy_process_group()
+
+
 def gather(obj):
     """Every rank's `obj`, in rank order, on every rank."""
     import torch.distributed as td
@@ -116,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     """A torchrun worker: python -m lib.distributed <launch_params.json> <out_dir>."""
     import time
 
-    import torch.distributed as td
-
     from lib import data, engine, io, model as net, recipes
 
     spec_path, out_dir = (argv if argv is not None else sys.argv[1:])[:2]
@@ -148,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                         "fit": None if fit is None else {k: getattr(fit, k) for k in (
                             "history", "best_epoch", "best_val_macro_recall", "stopped_early", "seconds", "precision",
                             "images_per_second")}}, tmp)
-    td.barrier()
-    td.destroy_process_group()
+    shutdown()
     return 0
 
 

@@ -40,8 +40,7 @@ def main(out: str) -> None:
                      on_best=lambda *a: None, progress=False, dist=dist)
     if dist.main:
         torch.save({"state": model.state_dict(), "history": res.history, "world": dist.world}, out)
-    torch.distributed.barrier()  # as lib.distributed.main: no rank tears gloo down while another still works
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":
