@@ -2,7 +2,8 @@
 
 - Temperature scaling (Guo et al., 2017): one scalar T fitted on the validation split by
   minimising the negative log-likelihood of softmax(logits / T); the argmax, and so every
-  recall figure, is unchanged. The export stage bakes T into the ONNX graph.
+  recall figure, is unchanged (the `clean` guard reads the network's own softmax, T = 1, so T does
+  not move its decisions either). The export stage bakes T into the ONNX graph.
 - Expected calibration error (ECE) over equal-width confidence bins, and the table behind a
   reliability diagram.
 - The operating point: the lowest confidence threshold whose auto-classified validation images
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import log_softmax, softmax
 
-from lib.metrics import CLEAN
+from lib.decision import CLEAN, decided_confidence
 
 BINS = 10
 
@@ -114,11 +115,21 @@ def ece(prob: np.ndarray, y: np.ndarray, bins: int = BINS) -> float:
     return float((t["images"] * (t["accuracy"] - t["confidence"]).abs()).sum() / max(1, t["images"].sum()))
 
 
-def auto_figures(prob: np.ndarray, y: np.ndarray, classes: list[str], threshold: float) -> dict:
+def decisions(prob: np.ndarray, pred: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, predicted class) of every image: the classes decided (`pred`, from
+    `lib.decision.decide`; default the most probable class) and their probabilities in `prob`, which
+    the review threshold reads."""
+    pred = prob.argmax(1) if pred is None else np.asarray(pred, dtype=int)
+    return decided_confidence(prob, pred), pred
+
+
+def auto_figures(prob: np.ndarray, y: np.ndarray, classes: list[str], threshold: float,
+                 pred: np.ndarray | None = None) -> dict:
     """What happens at a threshold: coverage, and accuracy and miss rate among the auto-classified
-    images (the miss rate counts auto-classified defect images called `clean`)."""
+    images (the miss rate counts auto-classified defect images called `clean`); `pred`: the classes
+    decided, when not the most probable (`decisions`)."""
     y = np.asarray(y)
-    conf, pred = prob.max(1), prob.argmax(1)
+    conf, pred = decisions(prob, pred)
     auto = conf >= threshold
     out = {"threshold": float(threshold), "images": int(len(y)), "auto": int(auto.sum()),
            "coverage": float(auto.mean()) if len(y) else 0.0,
@@ -133,7 +144,7 @@ def auto_figures(prob: np.ndarray, y: np.ndarray, classes: list[str], threshold:
 
 
 def choose_threshold(prob: np.ndarray, y: np.ndarray, classes: list[str], *, target_accuracy: float,
-                     max_miss_rate: float, extra_errors: int = 0) -> dict:
+                     max_miss_rate: float, extra_errors: int = 0, pred: np.ndarray | None = None) -> dict:
     """The operating point: the lowest threshold (the most images auto-classified) at which the
     auto-classified images reach `target_accuracy` and a miss rate of at most `max_miss_rate`.
 
@@ -154,13 +165,13 @@ def choose_threshold(prob: np.ndarray, y: np.ndarray, classes: list[str], *, tar
         return {"threshold": DEFAULT_THRESHOLD, "images": 0, "auto": 0, "coverage": 0.0, "auto_accuracy": None,
                 "auto_errors": 0, "met": False, **targets,
                 "reason": "no validation images: the threshold is the prediction command's default"}
-    conf = prob.max(1)
+    conf, pred = decisions(prob, pred)
     for c in np.unique(conf):  # ascending: the first that qualifies keeps the most images
-        f = auto_figures(prob, y, classes, float(c) - 1e-6)
+        f = auto_figures(prob, y, classes, float(c) - 1e-6, pred)
         margined = (f["auto"] - f["auto_errors"]) / (f["auto"] + extra_errors)
         if margined >= target_accuracy and (f.get("auto_miss_rate") or 0.0) <= max_miss_rate:
             return {**f, "met": True, **targets}
-    return {**auto_figures(prob, y, classes, float(np.nextafter(1.0, 2.0))), "met": False, **targets}
+    return {**auto_figures(prob, y, classes, float(np.nextafter(1.0, 2.0)), pred), "met": False, **targets}
 
 
 def unmet_note(point: dict, images: int) -> str:
@@ -195,11 +206,14 @@ def point_table(points: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def per_class_at(prob: np.ndarray, y: np.ndarray, classes: list[str], threshold: float) -> pd.DataFrame:
+def per_class_at(prob: np.ndarray, y: np.ndarray, classes: list[str], threshold: float,
+                 pred: np.ndarray | None = None) -> pd.DataFrame:
     """Per class at the operating point: images, auto-classified, capture rate (recall) and purity
-    (precision) among the auto-classified, beside recall and precision over all images."""
+    (precision) among the auto-classified, beside recall and precision over all images (`pred`: the
+    classes decided, when not the most probable)."""
     y = np.asarray(y)
-    pred, auto = prob.argmax(1), prob.max(1) >= threshold
+    conf, pred = decisions(prob, pred)
+    auto = conf >= threshold
     rows = []
     for c, name in enumerate(classes):
         true_c, auto_c = y == c, auto & (y == c)

@@ -29,6 +29,7 @@ import pandas as pd
 import yaml
 
 from lib import leakage, params
+from lib.decision import CLEAN, decide
 from lib.metrics import defect_vs_clean, macro_recall
 
 
@@ -192,6 +193,9 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
     same architecture, weights and input size through `feature_cache`. `k` is the number of folds
     per repeat (default: all splits are one repeat). `groups` (the duplicate group of every image) keep
     copies together when a `distill` configuration cross-fits its teachers inside a fold.
+
+    Every prediction, under every shift and view average too, is `lib.decision.decide` under the
+    configuration's `clean_guard`, on the softmax at temperature 1 (no validation split to fit one).
     """
     from lib import engine, model as net, recipes, shifts as shift_lib
     from lib.calibration import probabilities
@@ -199,6 +203,7 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
 
     n = len(classes)
     k = k or len(splits)
+    guard = float(cfg.P.get("clean_guard", 0.0))
     rows, per_class, shift_rows, oof = [], [], [], []
     confusion = np.zeros((n, n), np.int64)
     notes: set[str] = set()
@@ -231,13 +236,13 @@ def run_config(cfg: Config, gray: np.ndarray, y: np.ndarray, splits, representat
         scorer = net.with_views(trained.model, cfg.P.get("test_views", 1))
 
         def predict(g, model=scorer):
-            return engine.logits(model, normalize(g), device=device).argmax(1)
+            return decide(probabilities(engine.logits(model, normalize(g), device=device)), classes, guard)
 
         x = normalize(gray[test])
         proba = probabilities(engine.logits(scorer, x, device=device))
-        pred = proba.argmax(1)
+        pred = decide(proba, classes, guard)
         averaged = {} if scorer is not trained.model else {
-            name: p.argmax(1) for name, p in
+            name: decide(p, classes, guard) for name, p in
             view_averaged(lambda v: engine.logits(trained.model, v, device=device), x, first=proba).items()}
         oof.append(pd.DataFrame({"fold": f + 1, "index": test, "true": yt, "pred": pred,
                                  **{c: p for c, p in zip(classes, proba.T)},
@@ -443,14 +448,16 @@ def averaged_table(results: list[ConfigResult], k: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def probability_averages(results: list[ConfigResult], classes: list[str], k: int, reference: int = 0) -> pd.DataFrame:
+def probability_averages(results: list[ConfigResult], classes: list[str], k: int, reference: int = 0,
+                         clean_guard: float = 0.0) -> pd.DataFrame:
     """Configurations as an ensemble: the reference averaged with each other configuration (and, with
     three or more, all of them together), their out-of-fold softmax probabilities averaged image by
     image at equal weights, scored per fold as a configuration is, and compared with the reference on
     the same folds (corrected resampled t-test). What a two-model ensemble would score, and so the mark
     a distilled student of it could aim at; not one model (it runs every member). Only results holding
     out-of-fold probabilities for the same images and folds take part; empty with fewer than two.
-    `classes` is the run's class list in label order (the order `true` counts in)."""
+    `classes` is the run's class list in label order (the order `true` counts in); the averages are
+    decided under `clean_guard` (`lib.decision.decide`)."""
     key = ["fold", "index"]
     usable = [r for r in results if len(r.oof) and set(classes) <= set(r.oof)]
     ref = results[reference]
@@ -464,7 +471,7 @@ def probability_averages(results: list[ConfigResult], classes: list[str], k: int
         o = frames[id(members[0])]
         if any(not frames[id(m)][key].equals(o[key]) for m in members[1:]):
             continue  # scored on other folds or images: not comparable image by image
-        pred = np.mean([frames[id(m)][classes].to_numpy() for m in members], axis=0).argmax(1)
+        pred = decide(np.mean([frames[id(m)][classes].to_numpy() for m in members], axis=0), classes, clean_guard)
         true = o["true"].to_numpy().astype(int)
         f = pd.DataFrame([{"fold": fold, "macro recall": macro_recall(true[i], pred[i], len(classes)),
                            "miss rate": defect_vs_clean(true[i], pred[i], classes)["miss_rate"]}
@@ -475,6 +482,40 @@ def probability_averages(results: list[ConfigResult], classes: list[str], k: int
                      "miss rate": float(f["miss rate"].mean()), "vs reference, points [95%], p": paired_text(t),
                      "folds better / worse": f"{t['folds better']} / {t['folds worse']}",
                      "per fold": ", ".join(f"{v:.3f}" for v in f["macro recall"])})
+    return pd.DataFrame(rows)
+
+
+GUARDS = (0.0, 0.3, 0.4, 0.5)
+
+
+def guard_table(results: list[ConfigResult], configs: list[Config], classes: list[str], k: int,
+                guards=GUARDS) -> pd.DataFrame:
+    """The `clean` guard (`lib.decision.decide`) at several thresholds, applied to each configuration's
+    out-of-fold probabilities (no training): mean and worst-fold macro recall, misses (defects called
+    `clean`) and `clean` images called a defect, summed over folds, and the paired difference per fold
+    to the guard the configuration ran with (corrected resampled t-test). Empty without `clean` or
+    out-of-fold probabilities."""
+    if CLEAN not in classes:
+        return pd.DataFrame()
+    c, rows = classes.index(CLEAN), []
+    for r, cfg in zip(results, configs):
+        if not len(r.oof) or not set(classes) <= set(r.oof):
+            continue
+        own = float(cfg.P.get("clean_guard", 0.0))
+        prob, true = r.oof[classes].to_numpy(), r.oof["true"].to_numpy().astype(int)
+        folds = r.oof.groupby("fold").indices
+        per = {}
+        for g in sorted(set(guards) | {own}):
+            pred = decide(prob, classes, g)
+            per[g] = pd.Series({f: macro_recall(true[i], pred[i], len(classes)) for f, i in folds.items()})
+            rows.append({"config": r.config, "clean_guard": g, "runs with": "yes" if g == own else "",
+                         "macro recall, mean": float(per[g].mean()), "worst fold": float(per[g].min()),
+                         "defects called clean": int(((pred == c) & (true != c)).sum()),
+                         "clean called a defect": int(((pred != c) & (true == c)).sum()),
+                         "defects": int((true != c).sum()), "clean images": int((true == c).sum()), "_g": g})
+        for row in rows[-len(per):]:
+            t = corrected_t(100 * (per[row.pop("_g")] - per[own]), k)
+            row["vs the guard it runs with, points [95%], p"] = "reference" if row["runs with"] else paired_text(t)
     return pd.DataFrame(rows)
 
 

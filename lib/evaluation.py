@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import softmax
 
-from lib import engine, metrics, shifts
+from lib import decision, engine, metrics, shifts
 from lib.data import Part
 from lib.preprocess import normalize
 
@@ -32,9 +32,10 @@ class Evaluation:
     table: pd.DataFrame  # per class and averaged: precision, recall, f1, support, recall_low, recall_high
     counts: pd.DataFrame  # confusion matrix, rows true, columns predicted
     normalized: pd.DataFrame  # the same, row-normalised (the diagonal is each class's recall)
-    escapes: dict  # miss and false-alarm rates with their counts, and the miss rate's 95% interval
+    escapes: dict  # miss and false-alarm rates with their counts, the miss rate's 95% interval, argmax misses
     coverage: pd.DataFrame  # accuracy on the kept images for every share kept
     robustness: pd.DataFrame  # macro recall, accuracy and miss rate under each named shift
+    clean_guard: float = 0.0  # `lib.decision.decide` on the network's own softmax (T = 1)
 
     @property
     def y_true(self) -> np.ndarray:
@@ -42,11 +43,11 @@ class Evaluation:
 
     @property
     def y_pred(self) -> np.ndarray:
-        return self.prob.argmax(1)
+        return decision.decide(softmax(self.logits.astype(np.float64), axis=1), self.labels, self.clean_guard)
 
     @property
     def confidence(self) -> np.ndarray:
-        return self.prob.max(1)
+        return decision.decided_confidence(self.prob, self.y_pred)
 
     @property
     def accuracy(self) -> float:
@@ -87,12 +88,14 @@ class Evaluation:
 
 
 def evaluate(model, part: Part, labels: list[str], *, device="cpu", seed: int = 0,
-             temperature: float = 1.0) -> Evaluation:
+             temperature: float = 1.0, clean_guard: float = 0.0) -> Evaluation:
     """Score `model` on a decoded split (`lib.data.load_part`): every figure of the evaluation report.
-    Confidences are softmax(logits / temperature); predictions do not depend on the temperature."""
+    Confidences are softmax(logits / temperature), that of the class decided. Decisions are
+    `lib.decision.decide` on the network's own softmax (temperature 1, where `make cv` measures the
+    guard): the most probable class, with `clean` called only at `clean_guard` or above."""
     logits = engine.logits(model, normalize(part.gray), device=device)
     prob = softmax(logits.astype(np.float64) / temperature, axis=1)
-    y_true, y_pred = part.y, prob.argmax(1)
+    y_true, y_pred = part.y, decision.decide(softmax(logits.astype(np.float64), axis=1), labels, clean_guard)
     table = metrics.per_class_table(y_true, y_pred, labels)
     n = len(labels)
     ci = [metrics.wilson_interval(int(round(r * s)), int(s)) for r, s in zip(table["recall"][:n], table["support"][:n])]
@@ -100,12 +103,16 @@ def evaluate(model, part: Part, labels: list[str], *, device="cpu", seed: int = 
     table["recall_high"] = [hi for _, hi in ci] + [np.nan, np.nan]
     escapes = metrics.defect_vs_clean(y_true, y_pred, labels)
     escapes["miss_rate_ci"] = metrics.wilson_interval(escapes["missed"], escapes["defects"])
+    if escapes["miss_rate"] is not None:  # what the guard changed: the misses of the most probable class alone
+        escapes["missed_by_argmax"] = metrics.defect_vs_clean(y_true, prob.argmax(1), labels)["missed"]
 
     def predict(gray):
-        return engine.logits(model, normalize(gray), device=device).argmax(1)
+        shifted = engine.logits(model, normalize(gray), device=device).astype(np.float64)
+        return decision.decide(softmax(shifted, axis=1), labels, clean_guard)
 
     return Evaluation(labels=labels, part=part, prob=prob, logits=logits, temperature=float(temperature), table=table,
                       counts=metrics.confusion(y_true, y_pred, labels),
                       normalized=metrics.confusion(y_true, y_pred, labels, normalize=True), escapes=escapes,
-                      coverage=metrics.coverage_curve(y_true, y_pred, prob.max(1)),
-                      robustness=shifts.robustness(predict, part.gray, y_true, labels, seed=seed))
+                      coverage=metrics.coverage_curve(y_true, y_pred, decision.decided_confidence(prob, y_pred)),
+                      robustness=shifts.robustness(predict, part.gray, y_true, labels, seed=seed),
+                      clean_guard=float(clean_guard))

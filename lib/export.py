@@ -153,8 +153,15 @@ def _card_confidence(ev: dict) -> str:
     calibrated = (f"Confidences are calibrated: temperature T = {ev['temperature']:.3f}, fitted on the validation split, "
                   f"is folded into the classifier." if ev.get("temperature_fitted", True) else
                   f"Confidences are **not** calibrated (T = 1): {ev.get('temperature_note', '')}.")
+    guard = float(ev.get("clean_guard", 0.0))
+    decision = (f"`clean` is called only when the network's own softmax (the logits times the temperature) gives it at "
+                f"least **{guard:g}** (`clean_guard` in `bundle.json`, applied by `lib.predict`); below that the most "
+                f"probable defect class is called, so a defect the model thinks only probably clean is not let through. "
+                f"The figures below use this rule." if guard > 0 else "the most probable class (no `clean` guard).")
     return f"""
 ### Test split ({n} images), FP32, with 95% intervals (bootstrap; Wilson where a count never varies)
+Decision: {decision}
+
 | figure | value [95% interval] |
 |---|---|
 {rows}

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-CLEAN = "clean"
+from lib.decision import CLEAN
 
 
 def macro_recall(y_true, y_pred, n_classes: int) -> float:

@@ -178,6 +178,10 @@ SCHEMA: dict[str, Param] = {
     "review_target_accuracy": Param(_NUM, "the operating point: accuracy the auto-classified validation images must "
                                           "reach; the review threshold (in the bundle) is the lowest calibrated "
                                           "confidence that meets it and review_max_miss", gt=0, le=1),
+    "clean_guard": Param(_NUM, "recall-first decision: `clean` is called only when the network's own softmax (before "
+                               "the calibration temperature) gives it at least this, otherwise the most probable "
+                               "defect class; 0 = the most probable class. Applied in the evaluation, the operating "
+                               "point, the INT8 check, make cv and the exported bundle (lib.predict)", ge=0, lt=1),
     "review_extra_errors": Param(int, "operating point: wrong images added to the validation count before the "
                                       "accuracy target is checked (1 = the add-one estimate (errors + 1) / (auto + "
                                       "1)); 0 = the plain validation accuracy", ge=0),

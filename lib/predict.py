@@ -5,14 +5,15 @@
 PATHs are files, folders (searched recursively for image files) or glob patterns (`**`
 crosses folders). The bundle is the model's folder, written by the export stage: `bundle.json`
 lists every file with its sha256 (the model, `labels.json` and `preprocessing.json` are checked
-against it before anything runs, and a mismatch is refused), the default review threshold and
-whether the INT8 model is fit; `labels.json` gives the class order (the source of truth;
+against it before anything runs, and a mismatch is refused), the default review threshold, the
+`clean` guard (`clean` is called only when the network's own softmax, the logits times the
+temperature, gives it at least that, otherwise the most probable defect class; `lib.decision.decide`) and whether the INT8 model is fit; `labels.json` gives the class order (the source of truth;
 nothing is unpickled) and `preprocessing.json` the input size, resize policy and alpha
 background, applied by the one definition of preprocessing in `lib.preprocess`. Images are decoded
 in parallel worker processes and classified in batches.
 
-Each file becomes one row: file, predicted class, confidence, top-3, `review` (confidence
-below the threshold) and error. A file that cannot be read becomes a row with its error, and
+Each file becomes one row: file, predicted class, confidence (the probability of the class
+predicted), top-3, `review` (confidence below the threshold) and error. A file that cannot be read becomes a row with its error, and
 the run goes on; the exit status is 1 when any file failed, 2 when the bundle or the options
 are wrong.
 """
@@ -32,6 +33,7 @@ import numpy as np
 from scipy.special import softmax
 
 from lib import runtime
+from lib.decision import decide
 from lib.preprocess import IMAGE_EXTENSIONS, load_gray, normalize
 
 DEFAULT_THRESHOLD = 0.5
@@ -51,6 +53,8 @@ class Bundle:
     background: float
     review_threshold: float = DEFAULT_THRESHOLD
     extra: dict = field(default_factory=dict)
+    clean_guard: float = 0.0  # `lib.decision.decide` on the network's own softmax (the logits x temperature)
+    temperature: float = 1.0  # the calibration temperature the exported logits are divided by
 
     @classmethod
     def load(cls, model: str | Path) -> "Bundle":
@@ -91,8 +95,13 @@ class Bundle:
             resize, background = spec.get("resize", "stretch"), float(spec.get("alpha_background", 0.0))
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise BundleError(f"{folder / 'preprocessing.json'} lacks the input shape [N, 3, H, W] ({e!r})") from None
+        guard, temperature = info.get("clean_guard", 0.0), info.get("temperature", 1.0)
+        if isinstance(guard, bool) or not isinstance(guard, (int, float)) or not 0 <= guard < 1:
+            raise BundleError(f"{folder / 'bundle.json'}: clean_guard must be a number in [0, 1), got {guard!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise BundleError(f"{folder / 'bundle.json'}: temperature must be a positive number, got {temperature!r}")
         return cls(model, labels, size, resize, background,
-                   float(info.get("review_threshold", DEFAULT_THRESHOLD)), info)
+                   float(info.get("review_threshold", DEFAULT_THRESHOLD)), info, float(guard), float(temperature))
 
     @property
     def unfit_int8(self) -> bool:
@@ -163,11 +172,14 @@ def predict(bundle: Bundle, items: list[tuple[str, str]], *, threshold: float | 
         if not pending:
             return
         x = normalize(np.stack([g for _, g in pending])[:, None])
-        prob = softmax(sess.run(None, {"input": x})[0].astype(np.float64), axis=1)
+        logits = sess.run(None, {"input": x})[0].astype(np.float64)
+        prob = softmax(logits, axis=1)  # calibrated: the logits carry the temperature
         top = np.argsort(-prob, axis=1)[:, :TOP_K]
-        for (row, _), p, t in zip(pending, prob, top):
-            row.update(predicted=bundle.classes[t[0]], confidence=float(p[t[0]]),
-                       top3=[(bundle.classes[i], float(p[i])) for i in t], review=bool(p[t[0]] < threshold))
+        pred = (decide(softmax(logits * bundle.temperature, axis=1), bundle.classes, bundle.clean_guard)
+                if bundle.clean_guard else top[:, 0])
+        for (row, _), p, t, c in zip(pending, prob, top, pred):
+            row.update(predicted=bundle.classes[c], confidence=float(p[c]),
+                       top3=[(bundle.classes[i], float(p[i])) for i in t], review=bool(p[c] < threshold))
         pending.clear()
 
     readable = [f for f, err in items if not err]

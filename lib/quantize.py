@@ -285,21 +285,40 @@ def quantize(prepared: str | Path, out: str | Path, calib_x: np.ndarray, setting
     return Path(out)
 
 
-def scores(y_true: np.ndarray, logits: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro recall and miss rate (defect images predicted clean) of logits against labels.
+def decided(logits: np.ndarray, classes: list[str], clean_guard: float = 0.0, temperature: float = 1.0) -> np.ndarray:
+    """The classes an exported model's logits decide, as `lib.predict` does: `lib.decision.decide` under
+    `clean_guard` on the network's own softmax, softmax(logits x `temperature`) (the exported logits are
+    already divided by the calibration temperature). Without a guard, the most probable class."""
+    from scipy.special import softmax
+
+    from lib.decision import decide
+
+    logits = np.asarray(logits, np.float64)
+    if not clean_guard:
+        return logits.argmax(1)
+    return decide(softmax(logits * temperature, axis=1), classes, clean_guard)
+
+
+def scores(y_true: np.ndarray, logits: np.ndarray, classes: list[str], clean_guard: float = 0.0,
+           temperature: float = 1.0) -> dict:
+    """Accuracy, macro recall and miss rate (defect images predicted clean) of logits against labels,
+    deciding as the bundle does (`decided`).
 
     None where a figure does not exist (no images; no `clean` class for the miss rate)."""
     from lib.metrics import defect_vs_clean, macro_recall
 
-    pred = logits.argmax(1)
+    pred = decided(logits, classes, clean_guard, temperature)
     return {"accuracy": float((pred == y_true).mean()) if len(y_true) else None,
             "macro_recall": macro_recall(y_true, pred, len(classes)) if len(y_true) else None,
             "miss_rate": defect_vs_clean(y_true, pred, classes)["miss_rate"]}
 
 
-def fidelity(fp32_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
-    """How closely the INT8 model follows FP32: argmax agreement and logit error."""
-    agree = fp32_logits.argmax(1) == int8_logits.argmax(1)
+def fidelity(fp32_logits: np.ndarray, int8_logits: np.ndarray, classes: list[str] | None = None,
+             clean_guard: float = 0.0, temperature: float = 1.0) -> dict:
+    """How closely the INT8 model follows FP32: agreement of the classes decided (`decided`; without a
+    guard, the argmax) and logit error."""
+    agree = (decided(fp32_logits, classes or [], clean_guard, temperature)
+             == decided(int8_logits, classes or [], clean_guard, temperature))
     diff = np.abs(fp32_logits - int8_logits)
     return {"agreement": float(agree.mean()) if len(agree) else 1.0, "disagreements": int((~agree).sum()),
             "mean_abs_logit_diff": float(diff.mean()) if diff.size else 0.0}
@@ -398,7 +417,8 @@ def choose(table, drop_col: str = "macro_recall_drop", agree_col: str = "agreeme
 def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], *, x_val: np.ndarray,
            y_val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, classes: list[str], max_recall_drop: float,
            max_miss_rise: float, work_dir: str | Path, threads: int = 0, latency_runs: int = 20,
-           bias_correction: bool = True, max_float_convs: int = 0):
+           bias_correction: bool = True, max_float_convs: int = 0, clean_guard: float = 0.0,
+           temperature: float = 1.0):
     """Quantise the FP32 model with every setting, judge each on the validation split, keep the best.
 
     When no setting is within the gate's limits, the best one is tried again with its first 1, 2, ...
@@ -410,7 +430,8 @@ def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], 
 
     Each setting is scored against the FP32 model on validation (macro-recall drop, rise in miss
     rate, whether both are within the gate's limits, argmax agreement, logit error) and on test (the
-    same, for the report only), with a quick batch-1 latency. `choose` picks on the validation
+    same, for the report only), with a quick batch-1 latency; decisions under `clean_guard` at the
+    folded `temperature` (`decided`). `choose` picks on the validation
     columns. Returns (table indexed by setting, the kept setting's name, {setting: model path},
     {reduce_range: what `bias_correct` did} or {} without bias correction).
     """
@@ -423,7 +444,8 @@ def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], 
     work = claim(work_dir, "quantisation work")
     fp32 = runtime.session(fp32_path, threads)
     fp32_val, fp32_test = runtime.run(fp32, x_val), runtime.run(fp32, x_test)
-    base_val, base_test = scores(y_val, fp32_val, classes), scores(y_test, fp32_test, classes)
+    rule = {"clean_guard": clean_guard, "temperature": temperature}
+    base_val, base_test = scores(y_val, fp32_val, classes, **rule), scores(y_test, fp32_test, classes, **rule)
     prepared = preprocess(fp32_path, work / "model.prep.onnx")
     models, corrections = prepared, {}
     if bias_correction:
@@ -433,12 +455,13 @@ def select(fp32_path: str | Path, calib_x: np.ndarray, settings: list[Setting], 
     def evaluate(path: Path) -> dict:
         s = runtime.session(path, threads)
         on_val, on_test = runtime.run(s, x_val), runtime.run(s, x_test)
-        val_loss = losses(base_val, scores(y_val, on_val, classes))
-        test_loss = losses(base_test, scores(y_test, on_test, classes))
+        on_val_scores = scores(y_val, on_val, classes, **rule)
+        val_loss = losses(base_val, on_val_scores)
+        test_loss = losses(base_test, scores(y_test, on_test, classes, **rule))
         verdict = gate(val_loss, max_recall_drop=max_recall_drop, max_miss_rise=max_miss_rise)
-        f_val, f_test = fidelity(fp32_val, on_val), fidelity(fp32_test, on_test)
+        f_val, f_test = fidelity(fp32_val, on_val, classes, **rule), fidelity(fp32_test, on_test, classes, **rule)
         quick = benchmark.latency({"int8": benchmark.ort_engine(s)}, {1: x_test[:1]}, runs=max(5, latency_runs // 5))
-        return {"macro_recall": scores(y_val, on_val, classes)["macro_recall"], **val_loss, "fit": verdict["fit"],
+        return {"macro_recall": on_val_scores["macro_recall"], **val_loss, "fit": verdict["fit"],
                 "agreement": f_val["agreement"], "mean_abs_logit_diff": f_val["mean_abs_logit_diff"],
                 "test_macro_recall_drop": test_loss["macro_recall_drop"], "test_miss_rate_rise": test_loss["miss_rate_rise"],
                 "test_agreement": f_test["agreement"], "batch1_p50_ms": quick[0]["p50_ms"]}
@@ -483,19 +506,21 @@ def loss_table(verdict: dict, test_loss: dict):
 
 
 def judge(fp32_logits: dict, int8_logits: dict, y: dict, classes: list[str], *, max_recall_drop: float,
-          max_miss_rise: float):
+          max_miss_rise: float, clean_guard: float = 0.0, temperature: float = 1.0):
     """The kept INT8 model against FP32, recall first: figures on validation (where the gate decides) and
     on test (reported only). `fp32_logits`, `int8_logits` and `y` map "val" and "test" to logits / labels.
 
     Returns (table of accuracy, macro recall, miss rate and agreement per model and split, the gate's
-    verdict on validation (`gate`), the losses on test)."""
+    verdict on validation (`gate`), the losses on test). Decisions under `clean_guard` at the folded
+    `temperature` (`decided`)."""
     import pandas as pd
 
     figures, agreement = {}, {}
     for split in ("val", "test"):
-        figures[("FP32 (model.onnx)", split)] = scores(y[split], fp32_logits[split], classes)
-        figures[("INT8 (model.int8.onnx)", split)] = scores(y[split], int8_logits[split], classes)
-        agreement[split] = fidelity(fp32_logits[split], int8_logits[split])
+        rule = {"clean_guard": clean_guard, "temperature": temperature}
+        figures[("FP32 (model.onnx)", split)] = scores(y[split], fp32_logits[split], classes, **rule)
+        figures[("INT8 (model.int8.onnx)", split)] = scores(y[split], int8_logits[split], classes, **rule)
+        agreement[split] = fidelity(fp32_logits[split], int8_logits[split], classes, **rule)
     table = pd.DataFrame(figures).T.rename_axis(["model", "split"])
     table["agreement with FP32"] = [1.0, agreement["val"]["agreement"], 1.0, agreement["test"]["agreement"]]
     verdict = gate(losses(figures[("FP32 (model.onnx)", "val")], figures[("INT8 (model.int8.onnx)", "val")]),

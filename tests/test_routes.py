@@ -46,7 +46,8 @@ def run_route(tmp, params: list, data):
     out = make("all", *args)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return {"tmp": tmp, "build": tmp / "build", "reports": tmp / "reports", "data": data, "before": before,
-            "after": snapshot(data), "args": args, "out": out}
+            "after": snapshot(data), "args": args, "out": out,
+            "params": json.loads((tmp / "build" / "export" / "params.json").read_text())}
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,28 @@ def test_recommended_route_used_what_it_asked_for(route):
         record = json.loads((build / stage / "params.json").read_text())
         assert record["data_dir"] == str(route["data"]) and record["arch"] == "efficientnet_lite0"
         assert record["image_size"] == 64 and record["recipe"] == "partial"
+
+
+@on_route("presplit_example")
+def test_the_clean_guard_reaches_the_bundle_and_lib_predict_decides_as_the_evaluation(route):
+    """The example's `clean_guard` is the rule of the evaluation, the export and the bundle, and the
+    prediction command, which undoes the folded temperature for it, calls the evaluation's classes."""
+    build, guard = route["build"], route["params"]["clean_guard"]
+    assert guard > 0
+    metrics = json.loads((build / "eval" / "metrics.json").read_text())
+    bundle = json.loads((build / "export" / "bundle.json").read_text())
+    assert metrics["clean_guard"] == bundle["clean_guard"] == guard
+    assert bundle["temperature"] == metrics["temperature"]
+    assert metrics["missed_by_argmax"] >= metrics["missed"]
+    evaluated = pd.read_csv(build / "eval" / "predictions.csv")
+    out = route["tmp"] / "guarded_rows.csv"
+    run = subprocess.run([sys.executable, "-m", "lib.predict", str(build / "export" / "model.onnx"), *evaluated["path"],
+                          "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = pd.read_csv(out)
+    assert rows["predicted"].tolist() == evaluated["predicted"].tolist()
+    assert (rows["confidence"] - evaluated["confidence"]).abs().max() < 1e-4
+    assert f"only at a softmax probability of {guard:g} or more" in (route["reports"] / "04_evaluation.html").read_text()
 
 
 @on_route("unsplit_default")
